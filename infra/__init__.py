@@ -1,0 +1,1 @@
+"""Local infrastructure for Centralino: Kafka and FerretDB without Docker."""

@@ -1,0 +1,1 @@
+"""Centralino services: one package per department plus a small shared kernel."""

@@ -1,0 +1,1 @@
+"""Shared kernel: event envelope, configuration, telemetry and adapters every service uses."""

@@ -1,0 +1,57 @@
+"""All configuration, read from environment variables in this one place.
+
+Defaults are safe for a laptop: everything on 127.0.0.1, data under `.stack/`.
+`namespace` prefixes topics, consumer groups and the database name so that tests
+(and several deployments sharing one cluster) never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEPARTMENTS = ("routing", "agents", "crm", "training", "loyalty")
+_DEFAULT_GRPC_PORTS = {"routing": 50051, "agents": 50052, "crm": 50053, "training": 50054, "loyalty": 50055}
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    mongo_url: str = "mongodb://127.0.0.1:27017/"
+    namespace: str = "centralino"
+    grpc_host: str = "127.0.0.1"
+    state_dir: Path = Path(".stack")
+    relay_interval_s: float = 1.0
+
+    @property
+    def mongo_db(self) -> str:
+        return self.namespace
+
+    def topic(self, department: str) -> str:
+        """The event topic of a department; records are keyed by aggregate id."""
+        return f"{self.namespace}.{department}.events"
+
+    def consumer_group(self, projection: str) -> str:
+        return f"{self.namespace}-{projection}"
+
+    def grpc_port(self, department: str, environ: Mapping[str, str] | None = None) -> int:
+        env = os.environ if environ is None else environ
+        return int(env.get(f"{department.upper()}_GRPC_PORT", _DEFAULT_GRPC_PORTS[department]))
+
+    def grpc_target(self, department: str) -> str:
+        return f"{self.grpc_host}:{self.grpc_port(department)}"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    defaults = Settings()
+    return Settings(
+        kafka_bootstrap=env.get("KAFKA_BOOTSTRAP", defaults.kafka_bootstrap),
+        mongo_url=env.get("MONGO_URL", defaults.mongo_url),
+        namespace=env.get("CENTRALINO_NAMESPACE", defaults.namespace),
+        grpc_host=env.get("CENTRALINO_GRPC_HOST", defaults.grpc_host),
+        state_dir=Path(env.get("CENTRALINO_STATE_DIR", str(defaults.state_dir))),
+        relay_interval_s=float(env.get("CENTRALINO_RELAY_INTERVAL_S", defaults.relay_interval_s)),
+    )

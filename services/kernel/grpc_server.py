@@ -1,0 +1,65 @@
+"""gRPC server wiring shared by every department: tracing, health, reflection, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from contextlib import contextmanager
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import server_interceptor
+
+from services.kernel import errors
+
+_STATUS_OF: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
+    (errors.InvalidField, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.PreconditionFailed, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ConcurrencyConflict, grpc.StatusCode.ABORTED),
+]
+
+
+def status_for(error: errors.DomainError) -> grpc.StatusCode:
+    for error_type, code in _STATUS_OF:
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+@contextmanager
+def domain_errors_as_status(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turn a refused command into its gRPC status; the message names the field at fault."""
+    try:
+        yield
+    except errors.DomainError as exc:
+        if isinstance(exc, errors.InvalidField):
+            context.set_trailing_metadata((("field", exc.field),))
+        context.abort(status_for(exc), str(exc))
+
+
+def build_server(
+    port: int,
+    host: str,
+    adders: Sequence[Callable[[grpc.Server], None]],
+    service_names: Sequence[str],
+    max_workers: int = 16,
+) -> tuple[grpc.Server, health.HealthServicer]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers),
+        interceptors=[server_interceptor()],
+    )
+    for add in adders:
+        add(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in service_names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"cannot listen on {host}:{port}: the port is taken")
+    return server, health_servicer

@@ -1,0 +1,49 @@
+"""Kafka producer: idempotent, acks=all, keyed by aggregate id, trace context in headers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from kafka import KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def make_producer(bootstrap: str, client_id: str) -> KafkaProducer:
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=True,  # broker drops retried duplicates; per-partition order is kept
+        linger_ms=2,
+        retries=2**31 - 1,
+        request_timeout_ms=10_000,
+        delivery_timeout_ms=30_000,
+    )
+
+
+def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3) -> None:
+    """Create event topics up front (auto-creation would give them broker defaults)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="centralino-admin")
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent starter created it first
+                admin.create_topics(missing)
+    finally:
+        admin.close()
+
+
+def send_all(producer: KafkaProducer, records: Sequence[tuple[str, bytes, bytes, Headers]], timeout_s: float) -> None:
+    """Send (topic, key, value, headers) records and wait until every one is acknowledged."""
+    futures = [producer.send(topic, key=key, value=value, headers=headers) for topic, key, value, headers in records]
+    producer.flush(timeout=timeout_s)
+    for future in futures:
+        future.get(timeout=timeout_s)  # raises the delivery error, if any

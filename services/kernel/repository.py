@@ -1,0 +1,49 @@
+"""Load and save event-sourced aggregates: the store, the registry and the outbox together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from centralino.v1.envelope_pb2 import EventEnvelope
+from google.protobuf.message import Message
+
+from services.kernel.envelope import EventRegistry, Metadata, wrap
+from services.kernel.eventstore import EventStore
+from services.kernel.telemetry import current_trace_headers
+
+
+class Repository:
+    def __init__(
+        self,
+        store: EventStore,
+        registry: EventRegistry,
+        topic: str,
+        aggregate_type: str,
+        on_saved: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._topic = topic
+        self._aggregate_type = aggregate_type
+        self._on_saved = on_saved  # wakes the outbox relay
+
+    def load(self, aggregate_id: str) -> list[Message]:
+        return [self._registry.decode(envelope) for envelope in self._store.load(aggregate_id)]
+
+    def save(self, aggregate_id: str, version: int, events: Sequence[Message], meta: Metadata) -> list[EventEnvelope]:
+        """Append `events` after `version`; ConcurrencyConflict if the aggregate moved on."""
+        envelopes = [
+            wrap(
+                event,
+                registry=self._registry,
+                aggregate_type=self._aggregate_type,
+                aggregate_id=aggregate_id,
+                sequence=version + offset,
+                meta=meta,
+            )
+            for offset, event in enumerate(events, start=1)
+        ]
+        if envelopes:
+            self._store.append(self._topic, envelopes, current_trace_headers())
+            self._on_saved()
+        return envelopes

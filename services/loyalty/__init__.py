@@ -1,0 +1,1 @@
+"""Loyalty department: see proto/centralino/v1/loyalty.proto for its API contract (implementation follows in its own issue)."""

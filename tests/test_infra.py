@@ -1,0 +1,110 @@
+"""Integration tests of infra/stack.py: the local Kafka + FerretDB stack.
+
+They start real processes, always on free ports (never 9092/9093/27017), with
+their data under pytest's tmp_path, and stop them again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from infra import stack
+
+pytestmark = pytest.mark.integration
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+
+
+@pytest.fixture
+def no_external(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make up() start its own services whatever the caller's environment says."""
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("MONGO_URL", raising=False)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@needs_java
+def test_up_twice_is_harmless_and_down_stops(tmp_path: Path, no_external: None) -> None:
+    stack_dir = tmp_path / "stack"
+    kafka_port, controller_port, mongo_port = stack.free_ports(3)
+    try:
+        first = stack.up(stack_dir, kafka_port, controller_port, mongo_port)
+        assert first["kafka"]["state"] == "started"
+        assert first["ferretdb"]["state"] == "started"
+        assert first["kafka_bootstrap"] == f"127.0.0.1:{kafka_port}"
+        assert first["mongo_url"] == f"mongodb://127.0.0.1:{mongo_port}/"
+        assert (stack_dir / "kafka" / "kafka.pid").is_file()
+        assert (stack_dir / "ferretdb" / "ferretdb.log").is_file()
+
+        second = stack.up(stack_dir, kafka_port, controller_port, mongo_port)
+        assert second["kafka"]["state"] == "already running"
+        assert second["ferretdb"]["state"] == "already running"
+        assert second["kafka"]["pid"] == first["kafka"]["pid"]
+        assert second["ferretdb"]["pid"] == first["ferretdb"]["pid"]
+
+        report = stack.status(stack_dir)
+        assert report["kafka"]["state"] == "running" and report["kafka"]["ready"]
+        assert report["ferretdb"]["state"] == "running" and report["ferretdb"]["ready"]
+    finally:
+        stopped = stack.down(stack_dir)
+
+    assert stopped == {"kafka": "stopped", "ferretdb": "stopped"}
+    assert _gone(first["kafka"]["pid"])
+    assert _gone(first["ferretdb"]["pid"])
+    assert not (stack_dir / "kafka" / "kafka.pid").exists()
+    assert stack.status(stack_dir)["kafka"]["state"] == "stopped"
+    assert stack.down(stack_dir) == {"kafka": "not running", "ferretdb": "not running"}
+
+
+def test_taken_port_is_reported(tmp_path: Path, no_external: None) -> None:
+    stack_dir = tmp_path / "stack"
+    kafka_port, controller_port = stack.free_ports(2)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        try:
+            with pytest.raises(stack.StackError, match=rf"port {taken} \(FerretDB\).*MONGO_PORT"):
+                stack.up(stack_dir, kafka_port, controller_port, taken)
+            with pytest.raises(stack.StackError, match=rf"port {taken} \(Kafka\).*KAFKA_PORT"):
+                stack.up(stack_dir, taken, controller_port, stack.free_port())
+        finally:
+            stack.down(stack_dir)
+    # The check comes before anything is started.
+    assert not (stack_dir / "kafka" / "kafka.pid").exists()
+
+
+def test_cache_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CENTRALINO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert stack.cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("CENTRALINO_CACHE")
+    assert stack.cache_dir() == tmp_path / "xdg" / "centralino"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert stack.cache_dir() == Path.home() / ".cache" / "centralino"
+
+
+@needs_java
+def test_ephemeral_stack_without_docker(tmp_path: Path) -> None:
+    with stack.ephemeral_stack(tmp_path, use_docker=False) as info:
+        stack.probe_kafka(info["kafka_bootstrap"])
+        stack.probe_mongo(info["mongo_url"])
+        host, port = info["kafka_bootstrap"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) not in (9092, 9093)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
