@@ -1,1 +1,4 @@
-"""Crm department: see proto/centralino/v1/crm.proto for its API contract (implementation follows in its own issue)."""
+"""Crm department.
+
+Its API contract is proto/centralino/v1/crm.proto; the implementation follows in its own issue.
+"""

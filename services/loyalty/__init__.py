@@ -1,1 +1,4 @@
-"""Loyalty department: see proto/centralino/v1/loyalty.proto for its API contract (implementation follows in its own issue)."""
+"""Loyalty department.
+
+Its API contract is proto/centralino/v1/loyalty.proto; the implementation follows in its own issue.
+"""

@@ -1,1 +1,4 @@
-"""Routing department: see proto/centralino/v1/routing.proto for its API contract (implementation follows in its own issue)."""
+"""Routing department.
+
+Its API contract is proto/centralino/v1/routing.proto; the implementation follows in its own issue.
+"""

@@ -1,1 +1,4 @@
-"""Training department: see proto/centralino/v1/training.proto for its API contract (implementation follows in its own issue)."""
+"""Training department.
+
+Its API contract is proto/centralino/v1/training.proto; the implementation follows in its own issue.
+"""
