@@ -17,7 +17,10 @@ export PIP_CACHE_DIR := $(CACHE)/pip
 export PYTHONPATH := $(CURDIR):$(CURDIR)/gen
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup venv proto infra-install infra-up infra-down infra-status test test-unit run lint lock clean
+TRACE_PNG ?= .stack/trace.png
+
+.PHONY: setup venv proto infra-install infra-up infra-down infra-status test test-unit run lint lock clean \
+	dashboard-up dashboard-down trace-screenshot chromium
 
 setup: venv proto infra-install
 
@@ -61,9 +64,29 @@ test-unit: setup
 run: infra-up
 	$(PY) -m services.demo
 
+# The tracing dashboard: Zipkin (UI and API) on http://127.0.0.1:9411 (ZIPKIN_PORT moves it).
+# Services send it their traces with OTEL_TRACES_EXPORTER=zipkin, e.g.
+#   make dashboard-up && OTEL_TRACES_EXPORTER=zipkin make run
+dashboard-up: venv
+	$(PY) -m infra.stack dashboard-up
+
+dashboard-down: venv
+	$(PY) -m infra.stack dashboard-down
+
+# One onboarding traced end to end (console -> agents gRPC -> MongoDB -> Kafka -> Faust -> MongoDB),
+# checked through Zipkin's API and photographed in its UI by headless Chromium into $(TRACE_PNG).
+trace-screenshot: infra-up dashboard-up chromium
+	$(PY) -m tools.trace_journey --screenshot $(TRACE_PNG)
+
+# Debian's Chromium, installed on first use (root, as on the project's machines; sudo otherwise).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
 lint: setup
-	$(VENV)/bin/ruff check services infra tests
-	$(VENV)/bin/mypy services infra tests
+	$(VENV)/bin/ruff check services infra tests tools
+	$(VENV)/bin/mypy services infra tests tools
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock:

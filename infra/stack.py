@@ -1,4 +1,4 @@
-"""Local Kafka + FerretDB stack for development and tests, without Docker.
+"""Local Kafka + FerretDB stack (and a Zipkin tracing dashboard) for development and tests, without Docker.
 
 Used by the Makefile (``python -m infra.stack {install,up,down,status}``) and by
 the test-suite (:func:`ephemeral_stack`).
@@ -7,6 +7,9 @@ the test-suite (:func:`ephemeral_stack`).
   which Maven resolves from ``infra/kafka/pom.xml`` into the cache.
 * FerretDB (MongoDB wire protocol on SQLite) is built from its Go module into the
   cache.
+* Zipkin, the tracing dashboard (``dashboard-up``/``dashboard-down``), runs from its
+  self-contained server jar, which Maven copies from ``infra/zipkin/pom.xml`` into the
+  cache.  It is optional: services run the same without it.
 
 Only the standard library is imported at module level; kafka-python, pymongo,
 docker and testcontainers are imported inside the functions that need them, so
@@ -37,14 +40,21 @@ from typing import Any
 __all__ = [
     "FERRETDB_VERSION",
     "KAFKA_VERSION",
+    "ZIPKIN_VERSION",
     "FerretNode",
     "KafkaNode",
     "StackError",
+    "ZipkinNode",
     "cache_dir",
+    "dashboard_down",
+    "dashboard_status",
+    "dashboard_up",
     "docker_available",
     "down",
     "ensure_ferretdb",
     "ensure_kafka",
+    "ensure_zipkin",
+    "ephemeral_dashboard",
     "ephemeral_stack",
     "free_port",
     "free_ports",
@@ -52,6 +62,7 @@ __all__ = [
     "port_is_free",
     "probe_kafka",
     "probe_mongo",
+    "probe_zipkin",
     "status",
     "up",
 ]
@@ -60,11 +71,13 @@ KAFKA_VERSION = "3.9.2"
 SCALA_VERSION = "2.13"
 FERRETDB_VERSION = "v1.24.2"
 FERRETDB_MODULE = "github.com/FerretDB/FerretDB"
+ZIPKIN_VERSION = "3.5.1"
 
 HOST = "127.0.0.1"
 DEFAULT_KAFKA_PORT = 9092
 DEFAULT_CONTROLLER_PORT = 9093
 DEFAULT_MONGO_PORT = 27017
+DEFAULT_ZIPKIN_PORT = 9411
 
 READY_TIMEOUT = 60.0  # seconds until a started service must answer
 STOP_TIMEOUT = 20.0  # seconds between SIGTERM and SIGKILL
@@ -272,6 +285,47 @@ def ensure_ferretdb() -> Path:
     return binary
 
 
+def zipkin_jar() -> Path:
+    return cache_dir() / f"zipkin-{ZIPKIN_VERSION}" / f"zipkin-server-{ZIPKIN_VERSION}-exec.jar"
+
+
+def ensure_zipkin() -> Path:
+    """Return Zipkin's self-contained server jar (UI included), copying it with Maven if needed."""
+    jar = zipkin_jar()
+    if jar.is_file():
+        return jar
+    mvn = _require("mvn")
+    pom = Path(__file__).resolve().parent / "zipkin" / "pom.xml"
+    if not pom.is_file():
+        raise StackError(f"{pom} is missing; it names the Zipkin server jar to download")
+    jar.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".jar-", dir=jar.parent))
+    try:
+        _say(f"downloading Zipkin {ZIPKIN_VERSION} with Maven into {jar.parent} (once) ...")
+        _run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-f",
+                str(pom),
+                "dependency:copy",
+                f"-Dzipkin.version={ZIPKIN_VERSION}",
+                f"-Doutput.directory={tmp}",
+                f"-Dmaven.repo.local={cache_dir() / 'm2'}",
+            ],
+            what="Maven (downloading the Zipkin server jar)",
+            timeout=MAVEN_TIMEOUT,
+        )
+        downloaded = tmp / jar.name
+        if not downloaded.is_file():
+            raise StackError(f"Maven finished but {jar.name} was not downloaded into {tmp}")
+        os.replace(downloaded, jar)  # atomic: a concurrent installer sees a whole jar or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return jar
+
+
 # --------------------------------------------------------------------------- #
 # Ports and processes
 # --------------------------------------------------------------------------- #
@@ -415,6 +469,16 @@ def probe_mongo(url: str, timeout: float = 5.0) -> None:
         client.admin.command("ping")
     finally:
         client.close()
+
+
+def probe_zipkin(url: str, timeout: float = 5.0) -> None:
+    """Zipkin's own health check must say UP, or raise."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as response:
+        health = json.loads(response.read())
+    if health.get("status") != "UP":
+        raise StackError(f"Zipkin at {url} reports {health.get('status')!r}")
 
 
 def _wait_for(probe: Any, address: str, label: str, timeout: float, alive: Any = None, log_tail: Any = None) -> None:
@@ -818,6 +882,75 @@ class FerretNode(_Node):
         probe_mongo(address, timeout)
 
 
+class ZipkinNode(_Node):
+    """Zipkin (API, collector and UI on one port) with in-memory storage, on 127.0.0.1.
+
+    Traces live as long as the process: it is a developer's dashboard, not a
+    trace store.  The span limit keeps its heap bounded.
+    """
+
+    name = "zipkin"
+    label = "Zipkin"
+
+    def __init__(self, data_dir: Path, port: int = DEFAULT_ZIPKIN_PORT, *, heap: str = "384m") -> None:
+        super().__init__(data_dir)
+        self.port = int(port)
+        self.heap = heap
+        self._java: str | None = None
+        self._jar: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return self.url
+
+    @property
+    def spans_endpoint(self) -> str:
+        """Where OTEL_EXPORTER_ZIPKIN_ENDPOINT must point."""
+        return f"{self.url}/api/v2/spans"
+
+    def ports(self) -> dict[str, tuple[int, str]]:
+        return {"Zipkin": (self.port, "ZIPKIN_PORT")}
+
+    def _signature(self) -> str:
+        return f"-Dcentralino.node={self.data_dir}"
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        ports = state.get("ports") or {}
+        self.port = int(ports.get("Zipkin", self.port))
+
+    def install(self) -> None:
+        self._java = _require("java")
+        self._jar = ensure_zipkin()
+
+    def _command(self) -> list[str]:
+        assert self._java is not None and self._jar is not None
+        return [
+            self._java,
+            f"-Xmx{self.heap}",
+            # A dashboard needs no peak JIT; C1 only roughly halves the start-up time.
+            "-XX:TieredStopAtLevel=1",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
+            self._signature(),
+            "-jar",
+            str(self._jar),
+            # One listener, on loopback only (Zipkin's default is every interface).
+            f"--armeria.ports[0].port={self.port}",
+            f"--armeria.ports[0].ip={HOST}",
+            "--armeria.ports[0].protocols[0]=http",
+            "--zipkin.storage.type=mem",
+            "--zipkin.storage.mem.max-spans=200000",
+            "--zipkin.collector.grpc.enabled=false",
+        ]
+
+    def _probe(self, address: str, timeout: float) -> None:
+        probe_zipkin(address, timeout)
+
+
 # --------------------------------------------------------------------------- #
 # up / down / status
 # --------------------------------------------------------------------------- #
@@ -971,6 +1104,60 @@ def status(stack_dir: Path) -> dict[str, dict[str, Any]]:
     return result
 
 
+def dashboard_up(stack_dir: Path, port: int = DEFAULT_ZIPKIN_PORT, *, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+    """Start Zipkin in ``stack_dir`` (if not running) and wait until it answers.
+
+    Returns ``{"state": "started" | "already running", "pid", "url", "spans_endpoint", "log"}``.
+    """
+    node = ZipkinNode(Path(stack_dir).expanduser().resolve() / "zipkin", port)
+    if node.is_running():
+        node.adopt_running()
+        state = "already running"
+    else:
+        node.check_ports()
+        node.install()
+        pid = node.start()
+        _say(f"{node.label} starting (pid {pid}), log: {node.logfile}")
+        state = "started"
+    try:
+        node.wait_ready(timeout)
+    except BaseException:
+        if state == "started":
+            with suppress(Exception):
+                node.stop()
+        raise
+    _say(f"{node.label} {'ready' if state == 'started' else state} at {node.url} (pid {node.pid})")
+    return {
+        "state": state,
+        "pid": node.pid,
+        "url": node.url,
+        "spans_endpoint": node.spans_endpoint,
+        "log": str(node.logfile),
+    }
+
+
+def dashboard_down(stack_dir: Path) -> str:
+    """Stop the Zipkin ``dashboard_up`` started in ``stack_dir``: "stopped" or "not running"."""
+    node = ZipkinNode(Path(stack_dir).expanduser().resolve() / "zipkin")
+    pid = node.pid
+    if node.stop():
+        _say(f"{node.label} stopped (pid {pid})")
+        return "stopped"
+    return "not running"
+
+
+def dashboard_status(stack_dir: Path) -> dict[str, Any]:
+    node = ZipkinNode(Path(stack_dir).expanduser().resolve() / "zipkin")
+    info: dict[str, Any] = {"log": str(node.logfile)}
+    pid = node.pid
+    if pid is None:
+        info.update(state="stopped", pid=None, address=None, ready=False)
+    else:
+        node.adopt_running()
+        info.update(state="running", pid=pid, address=node.url, ready=node.ready())
+    return info
+
+
 # --------------------------------------------------------------------------- #
 # Ephemeral stack for tests
 # --------------------------------------------------------------------------- #
@@ -1053,6 +1240,20 @@ def ephemeral_stack(
             raise errors[0]
 
 
+@contextmanager
+def ephemeral_dashboard(root: Path, *, timeout: float = READY_TIMEOUT) -> Iterator[ZipkinNode]:
+    """A throw-away Zipkin on a free port with its files in a new directory under ``root``."""
+    root = Path(root).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    node = ZipkinNode(Path(tempfile.mkdtemp(prefix="zipkin-", dir=root)), free_port())
+    node.start()
+    try:
+        node.wait_ready(timeout)
+        yield node
+    finally:
+        node.stop()
+
+
 # --------------------------------------------------------------------------- #
 # CLI
 # --------------------------------------------------------------------------- #
@@ -1074,15 +1275,18 @@ def _env_port(name: str, default: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m infra.stack",
-        description="Local Kafka + FerretDB for Centralino (no Docker needed).",
+        description="Local Kafka + FerretDB (and the Zipkin tracing dashboard) for Centralino (no Docker needed).",
         epilog=(
             "Environment: CENTRALINO_STACK_DIR, CENTRALINO_CACHE, KAFKA_PORT, "
-            "KAFKA_CONTROLLER_PORT, MONGO_PORT; KAFKA_BOOTSTRAP / MONGO_URL use "
+            "KAFKA_CONTROLLER_PORT, MONGO_PORT, ZIPKIN_PORT; KAFKA_BOOTSTRAP / MONGO_URL use "
             "external services instead of starting ours. 'status' exits 3 if "
-            "something is not running."
+            "Kafka or the database is not running (the dashboard is optional). "
+            "'down' stops the dashboard too."
         ),
     )
-    parser.add_argument("command", choices=["install", "up", "down", "status"])
+    parser.add_argument(
+        "command", choices=["install", "up", "down", "status", "dashboard-up", "dashboard-down", "dashboard-install"]
+    )
     parser.add_argument(
         "--stack-dir",
         type=Path,
@@ -1097,6 +1301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             _require("java")
             print(f"Kafka jars: {ensure_kafka()}")
             print(f"FerretDB:   {ensure_ferretdb()}")
+            print(f"Zipkin:     {ensure_zipkin()}")
+        elif args.command == "dashboard-install":
+            _require("java")
+            print(f"Zipkin:     {ensure_zipkin()}")
+        elif args.command == "dashboard-up":
+            dashboard = dashboard_up(stack_dir, port=_env_port("ZIPKIN_PORT", DEFAULT_ZIPKIN_PORT))
+            print(f"ZIPKIN_URL={dashboard['url']}")
+            print(f"OTEL_EXPORTER_ZIPKIN_ENDPOINT={dashboard['spans_endpoint']}")
+        elif args.command == "dashboard-down":
+            if dashboard_down(stack_dir) == "not running":
+                _say("Zipkin was not running")
         elif args.command == "up":
             info = up(
                 stack_dir,
@@ -1108,6 +1323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"MONGO_URL={info['mongo_url']}")
         elif args.command == "down":
             down(stack_dir)
+            if dashboard_down(stack_dir) == "not running":
+                _say("Zipkin was not running")
         else:
             report = status(stack_dir)
             for key, info in report.items():
@@ -1119,6 +1336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pid = f" pid {info['pid']}" if info.get("pid") else ""
                 log = "" if state == "external" else f" (log: {info['log']})"
                 print(f"{key}: {state}{pid} at {info['address']}, {ready}{log}")
+            dashboard = dashboard_status(stack_dir)
+            if dashboard["state"] == "running":
+                ready = "ready" if dashboard["ready"] else "NOT answering"
+                where = f"pid {dashboard['pid']} at {dashboard['address']}"
+                print(f"zipkin: running {where}, {ready} (log: {dashboard['log']})")
+            else:
+                print("zipkin: stopped (optional: make dashboard-up)")
             if not all(info["ready"] for info in report.values()):
                 return 3
     except StackError as exc:

@@ -1,30 +1,34 @@
-"""Agent read model in MongoDB (mongoengine) and the idempotent writes that maintain it."""
+"""Agents read models in MongoDB (mongoengine) and the idempotent writes that maintain them."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import mongoengine as me
 
-
-class SkillDoc(me.EmbeddedDocument):
-    name = me.StringField(required=True)
-    proficiency = me.IntField(required=True)
-
-
-class ChannelDoc(me.EmbeddedDocument):
-    channel = me.IntField(required=True)
-    max_concurrent = me.IntField(required=True)
+from services.agents.state_view import View, new_view
 
 
 class AgentDocument(me.Document):
+    """One agent: profile, live state, today's counters and adherence (see state_view)."""
+
     agent_id = me.StringField(primary_key=True)
     name = me.StringField()
     team_id = me.StringField()
     seniority = me.IntField()
-    skills = me.EmbeddedDocumentListField(SkillDoc)
-    channels = me.EmbeddedDocumentListField(ChannelDoc)
-    registered_at = me.DateTimeField()
+    skills = me.ListField(me.DictField())
+    channels = me.ListField(me.DictField())
+    logged_in = me.BooleanField(default=False)
+    ready = me.BooleanField(default=False)
+    state = me.IntField()
+    reason = me.IntField(default=0)
+    since = me.FloatField()
+    accounted_until = me.FloatField()
+    work = me.ListField(me.DictField())
+    available_on = me.ListField(me.IntField())
+    days = me.DictField()
+    shifts = me.DictField()
     # Bookkeeping written in the same update as the change it records, so a
     # redelivered or replayed event is recognised and changes nothing.
     version = me.IntField(default=0)  # sequence of the last applied event
@@ -32,23 +36,62 @@ class AgentDocument(me.Document):
     events_applied = me.IntField(default=0)
     trace_id = me.StringField()  # trace of the request behind the last change, for SRE
     projected_at = me.DateTimeField()
+    registered_at = me.DateTimeField()
 
-    meta = {"collection": "agents_view", "auto_create_index": False, "indexes": ["team_id"]}
+    meta = {
+        "collection": "agents_view",
+        "auto_create_index": False,
+        "indexes": ["team_id", "state", "available_on"],
+    }
+
+    def to_view(self) -> View:
+        fields = self.to_mongo().to_dict()
+        fields["agent_id"] = fields.pop("_id")
+        return {**new_view(fields["agent_id"]), **fields}  # unset (None) fields are not stored
 
 
-def apply_once(agent_id: str, sequence: int, event_id: str, trace_id: str, **changes: object) -> bool:
-    """Apply `changes` only if the document has not yet seen `sequence`; True if applied."""
-    update = {f"set__{field}": value for field, value in changes.items()}
+class TeamDocument(me.Document):
+    team_id = me.StringField(primary_key=True)
+    name = me.StringField()
+    supervisor_id = me.StringField()
+    team_leader_id = me.StringField()
+    members = me.ListField(me.StringField())
+    version = me.IntField(default=0)
+    last_event_id = me.StringField()
+
+    meta = {"collection": "teams_view", "auto_create_index": False}
+
+
+def ensure_indexes() -> None:
+    AgentDocument.ensure_indexes()
+    TeamDocument.ensure_indexes()
+
+
+def _apply_once(document: type[me.Document], key: str, sequence: int, fields: dict[str, Any]) -> bool:
+    """Write `fields` only if the document has not yet seen `sequence`; True if written."""
+    update: dict[str, Any] = {f"set__{name}": value for name, value in fields.items()}
+    if document is AgentDocument:
+        update["inc__events_applied"] = 1
     try:
-        result = AgentDocument.objects(agent_id=agent_id, version__lt=sequence).update_one(
-            upsert=True,
-            set__version=sequence,
-            set__last_event_id=event_id,
-            set__trace_id=trace_id,
-            set__projected_at=datetime.now(UTC),
-            inc__events_applied=1,
-            **update,
-        )
+        result = document.objects(pk=key, version__lt=sequence).update_one(upsert=True, **update)
     except me.NotUniqueError:
         return False  # the document exists with version >= sequence: already applied
     return bool(result)
+
+
+def save_agent_view(view: View, event_id: str, trace_id: str, registered_at: datetime | None = None) -> bool:
+    # events_applied is incremented by the same update; setting it too would conflict.
+    fields = {k: v for k, v in view.items() if k not in ("agent_id", "events_applied")}
+    fields.update(last_event_id=event_id, trace_id=trace_id, projected_at=datetime.now(UTC))
+    if registered_at:
+        fields["registered_at"] = registered_at
+    return _apply_once(AgentDocument, view["agent_id"], view["version"], fields)
+
+
+def save_team_view(team_id: str, sequence: int, event_id: str, **fields: Any) -> bool:
+    return _apply_once(TeamDocument, team_id, sequence, {**fields, "version": sequence, "last_event_id": event_id})
+
+
+def load_agent_view(agent_id: str) -> View | None:
+    document = AgentDocument.objects(agent_id=agent_id).first()
+    return document.to_view() if document else None

@@ -1,27 +1,82 @@
-"""Agents use cases: load -> act -> save."""
+"""Agents use cases: load -> act -> save.  Queries live in queries.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
+
 from centralino.v1.envelope_pb2 import EventEnvelope
+from google.protobuf.message import Message
 
 from services.agents import domain
-from services.agents.adapters import AgentDocument
+from services.agents.events import team_stream
 from services.kernel.envelope import Metadata
-from services.kernel.errors import NotFound
+from services.kernel.errors import ConcurrencyConflict
 from services.kernel.repository import Repository
+
+Clock = Callable[[], datetime]
+TEAM_WRITE_ATTEMPTS = 5  # membership changes race only with other changes of the same team
 
 
 class AgentsApplication:
-    def __init__(self, agents: Repository) -> None:
+    def __init__(self, agents: Repository, teams: Repository, clock: Clock = lambda: datetime.now(UTC)) -> None:
         self._agents = agents
+        self._teams = teams
+        self._clock = clock
 
-    def register_agent(self, command: domain.RegisterAgent, meta: Metadata) -> list[EventEnvelope]:
-        agent = domain.replay(command.agent_id, self._agents.load(command.agent_id))
+    def _agent(self, agent_id: str) -> domain.Agent:
+        return domain.replay(agent_id, self._agents.history(agent_id))
+
+    def _team(self, team_id: str) -> domain.Team:
+        return domain.replay_team(team_id, self._teams.load(team_stream(team_id)))
+
+    def register_agent(
+        self, command: domain.RegisterAgent, meta: Metadata, override_span: bool = False
+    ) -> list[EventEnvelope]:
+        agent = self._agent(command.agent_id)
         events = domain.register_agent(command, agent)
+        domain.join_team(self._team(command.team_id), command.agent_id, override_span)  # refuse before writing
+        envelopes = self._agents.save(command.agent_id, agent.version, events, meta)
+        self._change_team(command.team_id, lambda team: domain.join_team(team, command.agent_id, override_span), meta)
+        return envelopes
+
+    def change_state(self, command: domain.ChangeState, meta: Metadata) -> list[EventEnvelope]:
+        agent = self._agent(command.agent_id)
+        events = domain.change_state(command, agent, self._clock())
+        return self._agents.save(command.agent_id, agent.version, events, meta, occurred_at=command.at)
+
+    def schedule_shift(self, command: domain.ScheduleShift, meta: Metadata) -> list[EventEnvelope]:
+        agent = self._agent(command.agent_id)
+        events = domain.schedule_shift(command, agent)
         return self._agents.save(command.agent_id, agent.version, events, meta)
 
-    def get_agent(self, agent_id: str) -> AgentDocument:
-        document = AgentDocument.objects(agent_id=agent_id).first()
-        if document is None:
-            raise NotFound(f"agent {agent_id} is not known (or not projected yet)")
-        return document
+    def create_team(self, command: domain.CreateTeam, meta: Metadata) -> domain.Team:
+        team = self._team(command.team_id)
+        self._teams.save(team_stream(command.team_id), team.version, domain.create_team(command, team), meta)
+        return self._team(command.team_id)
+
+    def assign_team_leader(self, command: domain.AssignTeamLeader, meta: Metadata) -> domain.Team:
+        return self._change_team(command.team_id, lambda team: domain.assign_team_leader(command, team), meta)
+
+    def move_agent(self, agent_id: str, team_id: str, override_span: bool, meta: Metadata) -> domain.Team:
+        """Leave the old team, join the new one, then record the move on the agent."""
+        agent = self._agent(agent_id)
+        moved = domain.move_agent(agent, team_id)
+        domain.join_team(self._team(team_id), agent_id, override_span)  # refuse before writing anything
+        domain.leave_team(self._team(agent.team_id), agent_id, override_span)
+        self._change_team(agent.team_id, lambda team: domain.leave_team(team, agent_id, override_span), meta)
+        team = self._change_team(team_id, lambda team: domain.join_team(team, agent_id, override_span), meta)
+        self._agents.save(agent_id, agent.version, moved, meta)
+        return team
+
+    def _change_team(self, team_id: str, decide: Callable[[domain.Team], list[Message]], meta: Metadata) -> domain.Team:
+        """Decide on the latest team state, retrying when another change won the race."""
+        for attempt in range(TEAM_WRITE_ATTEMPTS):
+            team = self._team(team_id)
+            try:
+                self._teams.save(team_stream(team_id), team.version, decide(team), meta)
+                return self._team(team_id)
+            except ConcurrencyConflict:
+                if attempt == TEAM_WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")

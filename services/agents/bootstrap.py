@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from services.agents.adapters import AgentDocument
+from services.agents import adapters
+from services.agents.api import AgentsServicer
 from services.agents.application import AgentsApplication
-from services.agents.events import AGGREGATE_TYPE, REGISTRY
+from services.agents.events import AGENT, REGISTRY, TEAM
+from services.agents.queries import AgentQueries
+from services.agents.watch import TeamWatchHub
 from services.kernel import eventstore, kafka, mongo
 from services.kernel.config import Settings
 from services.kernel.outbox import OutboxRelay
@@ -15,20 +19,30 @@ from services.kernel.repository import Repository
 
 @dataclass
 class AgentsWiring:
-    application: AgentsApplication
+    servicer: AgentsServicer
     relay: OutboxRelay
+    hub: TeamWatchHub
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
 
 
 def bootstrap(settings: Settings) -> AgentsWiring:
     mongo.connect(settings)
     eventstore.ensure_indexes()
-    AgentDocument.ensure_indexes()
+    adapters.ensure_indexes()
     topic = settings.topic("agents")
 
     def producer():  # type: ignore[no-untyped-def]
         kafka.ensure_topics(settings.kafka_bootstrap, [topic])
         return kafka.make_producer(settings.kafka_bootstrap, client_id="centralino-agents")
 
-    relay = OutboxRelay(eventstore.EventStore(), producer, interval_s=settings.relay_interval_s)
-    repository = Repository(eventstore.EventStore(), REGISTRY, topic, AGGREGATE_TYPE, on_saved=relay.wake)
-    return AgentsWiring(AgentsApplication(repository), relay)
+    store = eventstore.EventStore()
+    relay = OutboxRelay(store, producer, interval_s=settings.relay_interval_s)
+    agents = Repository(store, REGISTRY, topic, AGENT, on_saved=relay.wake)
+    teams = Repository(store, REGISTRY, topic, TEAM, on_saved=relay.wake)
+    hub = TeamWatchHub(settings.kafka_bootstrap, topic)
+    application = AgentsApplication(agents, teams, clock=now)
+    servicer = AgentsServicer(application, AgentQueries(settings.zone, now), hub, now)
+    return AgentsWiring(servicer, relay, hub)

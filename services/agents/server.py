@@ -8,7 +8,6 @@ import threading
 
 from centralino.v1 import agents_pb2, agents_pb2_grpc
 
-from services.agents.api import AgentsServicer
 from services.agents.bootstrap import bootstrap
 from services.kernel.config import load_settings
 from services.kernel.grpc_server import build_server
@@ -22,7 +21,7 @@ def main() -> None:
     settings = load_settings()
     setup_tracing("centralino-agents")
     wiring = bootstrap(settings)
-    servicer = AgentsServicer(wiring.application)
+    servicer = wiring.servicer
     port = settings.grpc_port("agents")
     server, _ = build_server(
         port,
@@ -31,6 +30,7 @@ def main() -> None:
         [agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].full_name],
     )
     wiring.relay.start()
+    wiring.hub.start()
     server.start()
     log.info("agents service listening on %s:%d", settings.grpc_host, port)
     stop = threading.Event()
@@ -39,6 +39,7 @@ def main() -> None:
     stop.wait()
     server.stop(grace=5).wait()
     wiring.relay.stop()  # publishes what the last requests accepted
+    wiring.hub.stop()
 
 
 if __name__ == "__main__":

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from services.agents import projections
-from services.agents.adapters import AgentDocument
+from services.agents import adapters, projections
 from services.kernel import kafka, mongo
 from services.kernel.config import load_settings
 from services.kernel.faust_app import create_app
@@ -16,7 +15,7 @@ def main() -> None:
     settings = load_settings()
     setup_tracing("centralino-agents-projections")
     mongo.connect(settings)
-    AgentDocument.ensure_indexes()
+    adapters.ensure_indexes()
     # A consumer that subscribes before its topic exists ignores it until the next
     # metadata refresh (minutes), so the topics are created first.
     kafka.ensure_topics(settings.kafka_bootstrap, projections.source_topics(settings))

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 DEPARTMENTS = ("routing", "agents", "crm", "training", "loyalty")
 _DEFAULT_GRPC_PORTS = {"routing": 50051, "agents": 50052, "crm": 50053, "training": 50054, "loyalty": 50055}
@@ -24,6 +25,23 @@ class Settings:
     grpc_host: str = "127.0.0.1"
     state_dir: Path = Path(".stack")
     relay_interval_s: float = 1.0
+    # The contact center's time zone: "today", shifts and midnight splits follow it.
+    timezone: str = "UTC"
+    # Observability.  Exporters are named by the standard OpenTelemetry variables,
+    # with the specification's default ("otlp"); where each exporter sends to
+    # (OTEL_EXPORTER_OTLP_*, OTEL_EXPORTER_ZIPKIN_*) is read by the exporter itself.
+    traces_exporter: str = "otlp"
+    metrics_exporter: str = "otlp"
+    otlp_protocol: str = "grpc"  # or "http/protobuf"
+    log_format: str = "json"  # or "text" for a human at a terminal
+    log_level: str = "INFO"
+    # At exit, how long buffered telemetry may hold the process up when its
+    # backend is slow or gone (a stopped service must stop promptly).
+    telemetry_exit_timeout_s: float = 2.0
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
 
     @property
     def mongo_db(self) -> str:
@@ -54,4 +72,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         grpc_host=env.get("CENTRALINO_GRPC_HOST", defaults.grpc_host),
         state_dir=Path(env.get("CENTRALINO_STATE_DIR", str(defaults.state_dir))),
         relay_interval_s=float(env.get("CENTRALINO_RELAY_INTERVAL_S", defaults.relay_interval_s)),
+        timezone=env.get("CENTRALINO_TIMEZONE", defaults.timezone),
+        traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
+        metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,
+        otlp_protocol=env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() or defaults.otlp_protocol,
+        log_format=env.get("CENTRALINO_LOG_FORMAT", defaults.log_format).strip().lower(),
+        log_level=env.get("CENTRALINO_LOG_LEVEL", defaults.log_level).strip().upper(),
+        telemetry_exit_timeout_s=float(
+            env.get("CENTRALINO_TELEMETRY_EXIT_TIMEOUT_S", defaults.telemetry_exit_timeout_s)
+        ),
     )

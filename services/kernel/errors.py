@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class DomainError(Exception):
-    """Base of every error a command can be refused with."""
+    """Base of every error a command can be refused with.
+
+    `details` travel to the caller as trailing metadata (e.g. the field at fault,
+    the aggregate's current state), so clients need not parse the message.
+    """
+
+    details: dict[str, str] = {}
 
 
 class InvalidField(DomainError):
@@ -14,6 +20,7 @@ class InvalidField(DomainError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+        self.details = {"field": field}
 
 
 class NotFound(DomainError):
@@ -26,6 +33,10 @@ class AlreadyExists(DomainError):
 
 class PreconditionFailed(DomainError):
     """The command is well formed but illegal in the aggregate's current state."""
+
+    def __init__(self, message: str, current_state: str = "") -> None:
+        super().__init__(message)
+        self.details = {"current-state": current_state} if current_state else {}
 
 
 class ConcurrencyConflict(DomainError):

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import server_interceptor
 
 from services.kernel import errors
+from services.kernel.grpc_telemetry import ServerTelemetry
 
 _STATUS_OF: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.InvalidField, grpc.StatusCode.INVALID_ARGUMENT),
@@ -35,8 +35,8 @@ def domain_errors_as_status(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
     except errors.DomainError as exc:
-        if isinstance(exc, errors.InvalidField):
-            context.set_trailing_metadata((("field", exc.field),))
+        if exc.details:
+            context.set_trailing_metadata(tuple(exc.details.items()))
         context.abort(status_for(exc), str(exc))
 
 
@@ -49,7 +49,7 @@ def build_server(
 ) -> tuple[grpc.Server, health.HealthServicer]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[server_interceptor()],
+        interceptors=[ServerTelemetry(host, port)],
     )
     for add in adders:
         add(server)

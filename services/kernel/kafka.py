@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import RecordMetadata
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,13 @@ def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3) ->
         admin.close()
 
 
-def send_all(producer: KafkaProducer, records: Sequence[tuple[str, bytes, bytes, Headers]], timeout_s: float) -> None:
-    """Send (topic, key, value, headers) records and wait until every one is acknowledged."""
+def send_all(
+    producer: KafkaProducer, records: Sequence[tuple[str, bytes, bytes, Headers]], timeout_s: float
+) -> list[RecordMetadata]:
+    """Send (topic, key, value, headers) records and wait until every one is acknowledged.
+
+    Returns where each record landed (partition, offset), in the order given.
+    """
     futures = [producer.send(topic, key=key, value=value, headers=headers) for topic, key, value, headers in records]
     producer.flush(timeout=timeout_s)
-    for future in futures:
-        future.get(timeout=timeout_s)  # raises the delivery error, if any
+    return [future.get(timeout=timeout_s) for future in futures]  # raises the delivery error, if any

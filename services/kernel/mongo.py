@@ -1,9 +1,19 @@
-"""MongoDB connection (mongoengine) for any MongoDB-wire server, FerretDB included."""
+"""MongoDB connection (mongoengine) for any MongoDB-wire server, FerretDB included, and its tracing."""
 
 from __future__ import annotations
 
 import mongoengine
+from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.semconv.attributes.db_attributes import (
+    DB_COLLECTION_NAME,
+    DB_NAMESPACE,
+    DB_OPERATION_NAME,
+    DB_SYSTEM_NAME,
+)
+from opentelemetry.trace import Span
 from pymongo import MongoClient
+from pymongo.monitoring import CommandStartedEvent
 
 from services.kernel.config import Settings
 
@@ -23,3 +33,33 @@ def connect(settings: Settings) -> MongoClient:
 
 def disconnect() -> None:
     mongoengine.disconnect(alias="default")
+
+
+def instrument(tracer_provider: TracerProvider | None = None) -> None:
+    """Trace every MongoDB command as a CLIENT span, child of the span that issued it.
+
+    Registers a pymongo command listener, which only clients created afterwards
+    get: call before `connect`.  Statements are not captured (they hold personal
+    data); spans are named `{operation} {collection}` as the conventions ask.
+    """
+    instrumentor = PymongoInstrumentor()
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=tracer_provider, request_hook=_describe, capture_statement=False)
+
+
+def _describe(span: Span, event: CommandStartedEvent) -> None:
+    if not span.is_recording():
+        return
+    target = event.command.get(event.command_name)
+    collection = target if isinstance(target, str) else event.command.get("collection")
+    attributes = {
+        DB_SYSTEM_NAME: "mongodb",
+        DB_OPERATION_NAME: event.command_name,
+        DB_NAMESPACE: event.database_name,
+    }
+    if isinstance(collection, str):
+        attributes[DB_COLLECTION_NAME] = collection
+        span.update_name(f"{event.command_name} {collection}")
+    else:
+        span.update_name(event.command_name)
+    span.set_attributes(attributes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
@@ -28,10 +29,27 @@ class Repository:
         self._on_saved = on_saved  # wakes the outbox relay
 
     def load(self, aggregate_id: str) -> list[Message]:
-        return [self._registry.decode(envelope) for envelope in self._store.load(aggregate_id)]
+        return [message for message, _ in self.history(aggregate_id)]
 
-    def save(self, aggregate_id: str, version: int, events: Sequence[Message], meta: Metadata) -> list[EventEnvelope]:
-        """Append `events` after `version`; ConcurrencyConflict if the aggregate moved on."""
+    def history(self, aggregate_id: str) -> list[tuple[Message, datetime]]:
+        """Every event of the aggregate with the time it happened, oldest first."""
+        return [
+            (self._registry.decode(envelope), envelope.occurred_at.ToDatetime(tzinfo=UTC))
+            for envelope in self._store.load(aggregate_id)
+        ]
+
+    def save(
+        self,
+        aggregate_id: str,
+        version: int,
+        events: Sequence[Message],
+        meta: Metadata,
+        occurred_at: datetime | None = None,
+    ) -> list[EventEnvelope]:
+        """Append `events` after `version`; ConcurrencyConflict if the aggregate moved on.
+
+        `occurred_at` is the business time (e.g. a CTI timestamp); default now.
+        """
         envelopes = [
             wrap(
                 event,
@@ -40,6 +58,7 @@ class Repository:
                 aggregate_id=aggregate_id,
                 sequence=version + offset,
                 meta=meta,
+                occurred_at=occurred_at,
             )
             for offset, event in enumerate(events, start=1)
         ]

@@ -59,10 +59,11 @@ class ServiceProcess:
                     raise TimeoutError(f"{self.module} not healthy on {target} after {timeout_s}s; see {self.log_path}")
                 time.sleep(0.2)
 
-    def wait_log(self, marker: str, timeout_s: float = 60.0) -> None:
-        """Wait until the process logs `marker` (a Faust worker logs "[^Worker]: Ready")."""
+    def wait_log(self, marker: str, timeout_s: float = 60.0, offset: int = 0) -> None:
+        """Wait until the process logs `marker` after byte `offset` of its log
+        (a Faust worker logs "[^Worker]: Ready")."""
         deadline = time.monotonic() + timeout_s
-        while marker not in self.log_path.read_text(errors="replace"):
+        while marker not in self.log_path.read_bytes()[offset:].decode(errors="replace"):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.module} did not log {marker!r} within {timeout_s}s; see {self.log_path}")

@@ -6,87 +6,36 @@ subprocesses against the session's Kafka and MongoDB-wire database.
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
-import mongoengine
 import pytest
 from centralino.v1 import agents_pb2 as pb
-from centralino.v1 import agents_pb2_grpc
 from centralino.v1.envelope_pb2 import EventEnvelope
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.structs import TopicPartition
 
-from infra.stack import free_port
 from services.agents.adapters import AgentDocument
-from services.kernel import mongo as kernel_mongo
-from services.kernel.config import Settings
 from services.kernel.eventstore import StoredEvent
-from services.kernel.runner import ServiceProcess
 from tests.helpers import eventually, read_topic
+from tests.integration.conftest import AgentsService
 
 pytestmark = pytest.mark.integration
 
-WORKER_READY = "[^Worker]: Ready"
 TRACE_ID = uuid.uuid4().hex
 TRACEPARENT = f"00-{TRACE_ID}-{uuid.uuid4().hex[:16]}-01"
 
 
 @pytest.fixture(scope="module")
-def flow(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings, str]]:
-    """The agents server and projection worker for this module, in a namespace of its own."""
-    state = tmp_path_factory.mktemp("agents-flow")
-    settings = Settings(
-        kafka_bootstrap=stack["kafka_bootstrap"],
-        mongo_url=stack["mongo_url"],
-        namespace=f"t{uuid.uuid4().hex[:12]}",
-        state_dir=state,
-        relay_interval_s=0.2,
-    )
-    port = free_port()
-    env = {
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "MONGO_URL": settings.mongo_url,
-        "CENTRALINO_NAMESPACE": settings.namespace,
-        "CENTRALINO_STATE_DIR": str(state),
-        "CENTRALINO_RELAY_INTERVAL_S": "0.2",
-        "AGENTS_GRPC_PORT": str(port),
-        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path.cwd() / "gen")]),
-    }
-    server = ServiceProcess("services.agents.server", env, state / "server.log").start()
-    worker = ServiceProcess("services.agents.worker", env, state / "worker.log").start()
-    kernel_mongo.connect(settings)
-    try:
-        server.wait_healthy(f"127.0.0.1:{port}")
-        worker.wait_log(WORKER_READY)
-        yield settings, f"127.0.0.1:{port}"
-    finally:
-        server.stop()
-        worker.stop()
-        mongoengine.connection.get_connection().drop_database(settings.mongo_db)
-        kernel_mongo.disconnect()
+def flow(agents: AgentsService) -> AgentsService:
+    agents.create_team("team-1", supervisor_id="sup-1")
+    return agents
 
 
-def register(target: str, agent_id: str, **overrides: Any) -> pb.RegisterAgentResponse:
-    fields: dict[str, Any] = {
-        "agent_id": agent_id,
-        "name": "Anna Rossi",
-        "team_id": "team-1",
-        "seniority": pb.SENIOR_CONSULTANT,
-        "skills": [pb.Skill(name="customer_service", proficiency=5), pb.Skill(name="lang:it", proficiency=5)],
-        "channels": [pb.ChannelCapacity(channel=pb.VOICE, max_concurrent=1)],
-        "correlation_id": "journey-42",
-    }
-    fields.update(overrides)
-    with grpc.insecure_channel(target) as channel:
-        stub = agents_pb2_grpc.AgentsServiceStub(channel)
-        return stub.RegisterAgent(
-            pb.RegisterAgentRequest(**fields), metadata=[("traceparent", TRACEPARENT)], timeout=10
-        )
+def register(service: AgentsService, agent_id: str, **overrides: Any) -> pb.RegisterAgentResponse:
+    overrides.setdefault("correlation_id", "journey-42")
+    return service.register(agent_id, metadata=[("traceparent", TRACEPARENT)], **overrides)
 
 
 def projected(agent_id: str) -> AgentDocument | None:
@@ -97,12 +46,12 @@ def snapshot(agent_id: str) -> dict[str, Any]:
     return eventually(lambda: projected(agent_id)).to_mongo().to_dict()
 
 
-def test_command_reaches_kafka_and_the_read_model_with_its_trace(flow: tuple[Settings, str]) -> None:
-    settings, target = flow
-    reply = register(target, "anna.rossi")
+def test_command_reaches_kafka_and_the_read_model_with_its_trace(flow: AgentsService) -> None:
+    settings = flow.settings
+    reply = register(flow, "anna.rossi")
     assert (reply.agent_id, reply.version) == ("anna.rossi", 1)
 
-    [record] = read_topic(settings.kafka_bootstrap, settings.topic("agents"), expected=1)
+    [record] = [r for r in read_topic(settings.kafka_bootstrap, settings.topic("agents"), 3) if r.key == b"anna.rossi"]
     envelope = EventEnvelope.FromString(record.value)
     headers = {key: value.decode() for key, value in record.headers}
     assert record.key == b"anna.rossi"
@@ -119,22 +68,21 @@ def test_command_reaches_kafka_and_the_read_model_with_its_trace(flow: tuple[Set
 
     document = eventually(lambda: projected("anna.rossi"))
     assert (document.name, document.team_id, document.seniority) == ("Anna Rossi", "team-1", pb.SENIOR_CONSULTANT)
-    assert [(s.name, s.proficiency) for s in document.skills] == [("customer_service", 5), ("lang:it", 5)]
-    assert [(c.channel, c.max_concurrent) for c in document.channels] == [(pb.VOICE, 1)]
+    assert document.skills == [{"name": "customer_service", "proficiency": 5}, {"name": "lang:it", "proficiency": 5}]
+    assert document.channels == [{"channel": pb.VOICE, "max_concurrent": 1}]
     assert (document.version, document.events_applied, document.last_event_id) == (1, 1, reply.event_id)
     assert document.trace_id == TRACE_ID  # gRPC metadata -> outbox -> Kafka header -> Faust span -> MongoDB
 
-    with grpc.insecure_channel(target) as channel:
-        view = agents_pb2_grpc.AgentsServiceStub(channel).GetAgent(pb.GetAgentRequest(agent_id="anna.rossi"))
-    assert (view.name, view.version) == ("Anna Rossi", 1)
+    view = flow.stub.GetAgent(pb.GetAgentRequest(agent_id="anna.rossi"))
+    assert (view.name, view.version, view.team_id) == ("Anna Rossi", 1, "team-1")
 
 
-def test_redelivered_event_leaves_the_read_model_unchanged(flow: tuple[Settings, str]) -> None:
-    settings, target = flow
-    register(target, "marek.nowak", name="Marek Nowak")
+def test_redelivered_event_leaves_the_read_model_unchanged(flow: AgentsService) -> None:
+    settings = flow.settings
+    register(flow, "marek.nowak", name="Marek Nowak")
     before = snapshot("marek.nowak")
     [original] = [
-        r for r in read_topic(settings.kafka_bootstrap, settings.topic("agents"), 2) if r.key == b"marek.nowak"
+        r for r in read_topic(settings.kafka_bootstrap, settings.topic("agents"), 5) if r.key == b"marek.nowak"
     ]
 
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
@@ -156,17 +104,19 @@ def test_redelivered_event_leaves_the_read_model_unchanged(flow: tuple[Settings,
     assert snapshot("marek.nowak") == before
 
 
-def test_bad_input_names_the_field_and_writes_nothing(flow: tuple[Settings, str]) -> None:
-    _, target = flow
+def test_bad_input_names_the_field_and_writes_nothing(flow: AgentsService) -> None:
     with pytest.raises(grpc.RpcError) as refused:
-        register(target, "giulia", skills=[pb.Skill(name="sales", proficiency=9)])
+        register(flow, "giulia", skills=[pb.Skill(name="sales", proficiency=9)])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "skills[0].proficiency" in refused.value.details()
     assert ("field", "skills[0].proficiency") in tuple(refused.value.trailing_metadata())
 
-    register(target, "ewa")
+    register(flow, "ewa")
     with pytest.raises(grpc.RpcError) as twice:
-        register(target, "ewa")
+        register(flow, "ewa")
     assert twice.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert StoredEvent.objects(aggregate_id="giulia").count() == 0  # refused: nothing accepted, nothing to publish
     assert StoredEvent.objects(aggregate_id="ewa").count() == 1
+    with pytest.raises(grpc.RpcError) as no_team:
+        register(flow, "piotr", team_id="no-such-team")
+    assert no_team.value.code() == grpc.StatusCode.NOT_FOUND and "no-such-team" in no_team.value.details()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from zoneinfo import ZoneInfo
+
 import pytest
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import EventEnvelope
 from kafka.errors import NoBrokersAvailable
 
 from infra.stack import free_port
+from services.agents import adapters
 from services.agents.adapters import AgentDocument
 from services.agents.events import AGGREGATE_TYPE, REGISTRY
-from services.agents.projections import project
+from services.agents.projections import projector
 from services.kernel import eventstore, kafka
 from services.kernel.config import Settings
 from services.kernel.envelope import Metadata
@@ -31,7 +34,7 @@ def registered(agent_id: str, name: str = "Anna") -> pb.AgentRegistered:
 @pytest.fixture
 def repository(mongo: Settings) -> Repository:
     eventstore.ensure_indexes()
-    AgentDocument.ensure_indexes()
+    adapters.ensure_indexes()
     return Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
 
 
@@ -73,6 +76,7 @@ def test_events_accepted_during_a_broker_outage_are_published_when_it_returns(
 
 def test_projecting_the_same_event_twice_changes_nothing(repository: Repository) -> None:
     [envelope] = repository.save("a1", 0, [registered("a1")], META)
+    project = projector(ZoneInfo("UTC"))
     assert project(envelope) is True
     first = AgentDocument.objects.get(agent_id="a1").to_mongo().to_dict()
     assert project(EventEnvelope.FromString(envelope.SerializeToString())) is False

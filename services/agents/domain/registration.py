@@ -1,16 +1,17 @@
-"""Agent aggregate: command + state -> events.  Pure: no grpc, kafka or mongo here."""
+"""Registering an agent: who they are, what they can do, on which channels."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import cast
 
-from centralino.v1.agents_pb2 import AgentRegistered, Channel, ChannelCapacity, Seniority, Skill
+from centralino.v1.agents_pb2 import AgentMovedToTeam, AgentRegistered, Channel, ChannelCapacity, Seniority, Skill
 from google.protobuf.message import Message
 
-from services.kernel.errors import AlreadyExists, InvalidField
+from services.agents.domain.agent import Agent
+from services.kernel.errors import AlreadyExists, InvalidField, NotFound
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # Industry norm: one voice call at a time; written channels allow a few in parallel.
@@ -32,15 +33,6 @@ class RegisterAgent:
     seniority: int
     skills: tuple[tuple[str, int], ...]
     channels: tuple[tuple[int, int], ...]
-
-
-@dataclass(frozen=True)
-class Agent:
-    agent_id: str
-    version: int = 0
-    registered: bool = False
-    name: str = ""
-    team_id: str = ""
 
 
 def check_identifier(field: str, value: str) -> None:
@@ -105,15 +97,10 @@ def register_agent(command: RegisterAgent, agent: Agent) -> list[Message]:
     ]
 
 
-def apply(agent: Agent, event: Message) -> Agent:
-    agent = replace(agent, version=agent.version + 1)
-    if isinstance(event, AgentRegistered):
-        return replace(agent, registered=True, name=event.name, team_id=event.team_id)
-    return agent
-
-
-def replay(agent_id: str, events: Iterable[Message]) -> Agent:
-    agent = Agent(agent_id=agent_id)
-    for event in events:
-        agent = apply(agent, event)
-    return agent
+def move_agent(agent: Agent, team_id: str) -> list[Message]:
+    check_identifier("team_id", team_id)
+    if not agent.registered:
+        raise NotFound(f"agent {agent.agent_id} is not registered")
+    if agent.team_id == team_id:
+        raise AlreadyExists(f"agent {agent.agent_id} is already in team {team_id}")
+    return [AgentMovedToTeam(agent_id=agent.agent_id, from_team_id=agent.team_id, team_id=team_id)]

@@ -1,0 +1,108 @@
+"""Fan-out of agent state changes to WatchTeam streams.
+
+One Kafka consumer per server process (no consumer group: every server sees every
+change) reads the department topic from its end and hands each AgentStateChanged
+to the subscribers of that agent's team.  Per agent, changes come from one
+partition, so a subscriber sees them in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+
+from centralino.v1 import agents_pb2 as pb
+from centralino.v1.envelope_pb2 import EventEnvelope
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from services.kernel.kafka import ensure_topics
+
+log = logging.getLogger(__name__)
+STATE_CHANGED = "agents.AgentStateChanged"
+
+
+def to_change(envelope: EventEnvelope) -> pb.AgentStateChange:
+    event = pb.AgentStateChanged.FromString(envelope.payload)
+    change = pb.AgentStateChange(
+        agent_id=event.agent_id,
+        team_id=event.team_id,
+        transition=event.transition,
+        state=event.state,
+        reason=event.reason,
+        interaction_id=event.interaction_id,
+        version=envelope.sequence,
+    )
+    change.at.CopyFrom(envelope.occurred_at)
+    return change
+
+
+class TeamWatchHub:
+    def __init__(self, bootstrap: str, topic: str, max_backlog: int = 10_000) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self._max_backlog = max_backlog
+        self._subscribers: dict[str, set[queue.Queue[pb.AgentStateChange]]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="team-watch", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        return self._ready.wait(timeout_s)
+
+    def subscribe(self, team_id: str) -> queue.Queue[pb.AgentStateChange]:
+        subscription: queue.Queue[pb.AgentStateChange] = queue.Queue(maxsize=self._max_backlog)
+        with self._lock:
+            self._subscribers[team_id].add(subscription)
+        return subscription
+
+    def unsubscribe(self, team_id: str, subscription: queue.Queue[pb.AgentStateChange]) -> None:
+        with self._lock:
+            self._subscribers[team_id].discard(subscription)
+
+    def _publish(self, change: pb.AgentStateChange) -> None:
+        with self._lock:
+            targets = list(self._subscribers.get(change.team_id, ()))
+        for subscription in targets:
+            try:
+                subscription.put_nowait(change)
+            except queue.Full:  # a stalled client must not stall the others
+                log.warning("dropping a WatchTeam subscriber of team %s: backlog full", change.team_id)
+                self.unsubscribe(change.team_id, subscription)
+
+    def _consumer(self) -> KafkaConsumer:
+        ensure_topics(self._bootstrap, [self._topic])
+        consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
+        partitions = [TopicPartition(self._topic, p) for p in sorted(consumer.partitions_for_topic(self._topic))]
+        consumer.assign(partitions)
+        # Pin the current end explicitly: a lazy seek_to_end would resolve at the first
+        # poll, after changes a subscriber may already be waiting for.
+        for partition, offset in consumer.end_offsets(partitions).items():
+            consumer.seek(partition, offset)
+        return consumer
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                consumer = self._consumer()
+                self._ready.set()
+                while not self._stopping.is_set():
+                    for records in consumer.poll(timeout_ms=200).values():
+                        for record in records:
+                            envelope = EventEnvelope.FromString(record.value)
+                            if envelope.event_type == STATE_CHANGED:
+                                self._publish(to_change(envelope))
+                consumer.close()
+            except Exception:  # broker outage: keep the streams open, reconnect
+                log.exception("team watch lost Kafka; reconnecting")
+                self._stopping.wait(2.0)

@@ -1,0 +1,323 @@
+"""Agent state, counters, adherence, teams and WatchTeam through the real stack.
+
+Every command goes over gRPC to the agents server; every read comes from the
+MongoDB read model that the Faust worker projected from Kafka.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from centralino.v1 import agents_pb2 as pb
+from centralino.v1.agents_pb2 import AgentState as S
+from centralino.v1.agents_pb2 import Transition as T
+from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import KafkaAdminClient
+
+from services.agents.adapters import AgentDocument, TeamDocument
+from tests.helpers import eventually
+from tests.integration.conftest import AgentsService
+
+pytestmark = pytest.mark.integration
+
+DAY = datetime(2026, 11, 2, tzinfo=UTC)
+
+
+def ts(when: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def at(hh: int, mm: int, ss: int = 0) -> Timestamp:
+    return ts(DAY + timedelta(hours=hh, minutes=mm, seconds=ss))
+
+
+def projected_version(agent_id: str, version: int) -> bool:
+    document = AgentDocument.objects(agent_id=agent_id).only("version").first()
+    return bool(document and document.version >= version)
+
+
+@pytest.fixture(scope="module")
+def service(agents: AgentsService) -> AgentsService:
+    agents.create_team("t-milano", supervisor_id="sup-rossi")
+    return agents
+
+
+def rpc_error(call: Any, *args: Any, **kwargs: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as error:
+        call(*args, **kwargs)
+    return error.value
+
+
+# ---- the state machine over gRPC ------------------------------------------------------
+
+PATHS: dict[str, list[tuple[int, dict[str, Any]]]] = {
+    "LOGGED_OUT": [],
+    "NOT_READY": [(T.LOG_IN, {})],
+    "READY": [(T.LOG_IN, {}), (T.GO_READY, {})],
+    "RESERVED": [(T.LOG_IN, {}), (T.GO_READY, {}), (T.RESERVE, {"interaction_id": "i1", "channel": pb.VOICE})],
+    "BUSY": [
+        (T.LOG_IN, {}),
+        (T.GO_READY, {}),
+        (T.RESERVE, {"interaction_id": "i1", "channel": pb.VOICE}),
+        (T.CONNECT, {"interaction_id": "i1"}),
+    ],
+    "AFTER_CALL_WORK": [
+        (T.LOG_IN, {}),
+        (T.GO_READY, {}),
+        (T.RESERVE, {"interaction_id": "i1", "channel": pb.VOICE}),
+        (T.CONNECT, {"interaction_id": "i1"}),
+        (T.END, {"interaction_id": "i1"}),
+    ],
+}
+LEGAL: dict[str, dict[int, int]] = {
+    "LOGGED_OUT": {T.LOG_IN: S.NOT_READY},
+    "NOT_READY": {T.GO_READY: S.READY, T.GO_NOT_READY: S.NOT_READY, T.LOG_OUT: S.LOGGED_OUT},
+    "READY": {T.GO_NOT_READY: S.NOT_READY, T.LOG_OUT: S.LOGGED_OUT, T.RESERVE: S.RESERVED},
+    "RESERVED": {T.CONNECT: S.BUSY, T.REJECT_OFFER: S.READY, T.MISS_OFFER: S.NOT_READY, T.GO_NOT_READY: S.RESERVED},
+    "BUSY": {T.HOLD: S.BUSY, T.END: S.AFTER_CALL_WORK, T.GO_NOT_READY: S.BUSY},
+    "AFTER_CALL_WORK": {T.COMPLETE_WRAP_UP: S.READY, T.GO_NOT_READY: S.AFTER_CALL_WORK},
+}
+ARGS: dict[int, dict[str, Any]] = {
+    T.GO_NOT_READY: {"reason": pb.MEETING},
+    T.RESERVE: {"interaction_id": "i9", "channel": pb.VOICE},
+    **{t: {"interaction_id": "i1"} for t in (T.REJECT_OFFER, T.MISS_OFFER, T.CONNECT, T.HOLD, T.RESUME, T.END)},
+    T.COMPLETE_WRAP_UP: {"interaction_id": "i1", "wrap_up_code": "resolved"},
+}
+
+
+def test_every_transition_from_every_state(service: AgentsService) -> None:
+    expected_views: dict[str, int] = {}
+    for state, path in PATHS.items():
+        for transition in [t for t in T.values() if t]:
+            agent_id = f"sm-{state.lower()}-{T.Name(transition).lower()}".replace("_", "-")
+            service.register(agent_id, team_id="t-milano", override_span_of_control=True)
+            for step, fields in path:
+                service.change(agent_id, step, **fields)
+            outcome = LEGAL[state].get(transition)
+            if outcome is None:
+                error = rpc_error(service.change, agent_id, transition, **ARGS.get(transition, {}))
+                assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (state, T.Name(transition))
+                assert ("current-state", state) in tuple(error.trailing_metadata()), error.details()
+                expected_views[agent_id] = S.Value(state)
+            else:
+                reply = service.change(agent_id, transition, **ARGS.get(transition, {}))
+                assert reply.state == outcome, (state, T.Name(transition))
+                expected_views[agent_id] = outcome
+
+    def all_projected() -> bool:
+        views = {d.agent_id: d.state for d in AgentDocument.objects(agent_id__in=list(expected_views)).only("state")}
+        return views == expected_views
+
+    eventually(all_projected)
+
+
+def test_unknown_agents_and_bad_fields_get_clear_statuses(service: AgentsService) -> None:
+    assert rpc_error(service.change, "nobody", T.LOG_IN).code() == grpc.StatusCode.NOT_FOUND
+    service.register("bad-fields", team_id="t-milano", override_span_of_control=True)
+    error = rpc_error(service.change, "bad-fields", T.GO_NOT_READY, reason=pb.MISSED_OFFER)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and ("field", "reason") in tuple(error.trailing_metadata())
+    error = rpc_error(service.change, "bad-fields", T.LOG_IN, at=ts(datetime.now(UTC) + timedelta(hours=1)))
+    assert ("field", "at") in tuple(error.trailing_metadata())
+    assert rpc_error(service.stub.GetAgentState, pb.GetAgentRequest(agent_id="bad-fields", day="2-11-2026")).code() == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
+# ---- a scripted shift: exact counters and adherence ---------------------------------------
+
+
+def test_counters_and_adherence_after_a_scripted_shift(service: AgentsService) -> None:
+    agent = "giulia.bianchi"
+    service.register(agent, team_id="t-milano", override_span_of_control=True)
+    activities = [
+        pb.PlannedActivity(start=at(8, 0), end=at(9, 0), productive=True),
+        pb.PlannedActivity(start=at(9, 0), end=at(9, 15), reason=pb.BREAK),
+        pb.PlannedActivity(start=at(9, 15), end=at(10, 0), productive=True),
+    ]
+    service.stub.ScheduleShift(
+        pb.ScheduleShiftRequest(
+            agent_id=agent,
+            shift_id="2026-11-02-early",
+            shift_manager_id="sm-1",
+            start=at(8, 0),
+            end=at(10, 0),
+            activities=activities,
+        )
+    )
+    script: list[tuple[Timestamp, int, dict[str, Any]]] = [
+        (at(8, 2), T.LOG_IN, {}),
+        (at(8, 3), T.GO_READY, {}),
+        (at(8, 10), T.RESERVE, {"interaction_id": "call-1", "channel": pb.VOICE}),
+        (at(8, 10, 10), T.CONNECT, {"interaction_id": "call-1"}),
+        (at(8, 12, 40), T.HOLD, {"interaction_id": "call-1"}),
+        (at(8, 13, 40), T.RESUME, {"interaction_id": "call-1"}),
+        (at(8, 16, 10), T.END, {"interaction_id": "call-1"}),
+        (at(8, 18, 10), T.COMPLETE_WRAP_UP, {"interaction_id": "call-1", "wrap_up_code": "resolved"}),
+        (at(8, 30), T.RESERVE, {"interaction_id": "call-2", "channel": pb.VOICE}),
+        (at(8, 30, 10), T.CONNECT, {"interaction_id": "call-2"}),
+        (at(8, 33, 30), T.END, {"interaction_id": "call-2"}),
+        (at(8, 34, 10), T.COMPLETE_WRAP_UP, {"interaction_id": "call-2", "wrap_up_code": "sale"}),
+        (at(9, 5), T.GO_NOT_READY, {"reason": pb.BREAK}),
+        (at(9, 20), T.GO_READY, {}),
+        (at(9, 50), T.LOG_OUT, {}),
+    ]
+    for when, transition, fields in script:
+        reply = service.change(agent, transition, at=when, **fields)
+    eventually(lambda: projected_version(agent, reply.version))
+
+    view = service.stub.GetAgentState(pb.GetAgentRequest(agent_id=agent, day="2026-11-02"))
+    c = view.today
+    assert (view.state, c.day, c.handled) == (S.LOGGED_OUT, "2026-11-02", 2)
+    assert (c.talk_s, c.hold_s, c.after_call_work_s) == (500, 60, 160)
+    assert (c.reserved_s, c.busy_s, c.after_call_work_wall_s) == (20, 560, 160)
+    assert c.ready_s == 420 + 710 + 1850 + 1800
+    assert dict(c.not_ready_s) == {"UNSPECIFIED": 60, "BREAK": 900}
+    assert c.occupancy == pytest.approx(740 / (740 + 4780))
+    assert c.average_handle_time_s == 360
+    [adherence] = view.adherence
+    out = 180 + 300 + 300 + 600  # late login, working into the break, late back, left early
+    assert (adherence.shift_id, adherence.scheduled_s, adherence.out_of_adherence_s) == (
+        "2026-11-02-early",
+        7200,
+        out,
+    )
+    assert adherence.adherence == pytest.approx((7200 - out) / 7200)
+
+
+# ---- queries -------------------------------------------------------------------------------
+
+
+def test_list_agents_filters_and_team_stats(service: AgentsService) -> None:
+    service.create_team("t-warsaw", supervisor_id="sup-nowak")
+    chats = [
+        pb.ChannelCapacity(channel=pb.CHAT, max_concurrent=2),
+        pb.ChannelCapacity(channel=pb.VOICE, max_concurrent=1),
+    ]
+    service.register("w-marek", team_id="t-warsaw", skills=[pb.Skill(name="lang:pl", proficiency=5)], channels=chats)
+    service.register("w-ewa", team_id="t-warsaw", skills=[pb.Skill(name="lang:pl", proficiency=2)], channels=chats)
+    service.register("w-piotr", team_id="t-warsaw", skills=[pb.Skill(name="fraud", proficiency=4)])
+    for agent in ("w-marek", "w-ewa"):
+        service.change(agent, T.LOG_IN)
+        service.change(agent, T.GO_READY)
+    service.change("w-marek", T.RESERVE, interaction_id="chat-1", channel=pb.CHAT)
+    last = service.change("w-marek", T.CONNECT, interaction_id="chat-1")
+    eventually(lambda: projected_version("w-marek", last.version))
+
+    def ids(**query: Any) -> list[str]:
+        return [a.agent_id for a in service.stub.ListAgents(pb.ListAgentsRequest(**query)).agents]
+
+    assert ids(team_id="t-warsaw") == ["w-ewa", "w-marek", "w-piotr"]
+    assert ids(team_id="t-warsaw", skill="lang:pl", min_proficiency=4) == ["w-marek"]
+    assert ids(team_id="t-warsaw", state=S.BUSY) == ["w-marek"]
+    assert ids(team_id="t-warsaw", available_on=pb.CHAT) == ["w-ewa", "w-marek"]  # marek has a second chat slot
+    assert ids(team_id="t-warsaw", available_on=pb.VOICE) == ["w-ewa"]  # never a call on top of a chat
+
+    [marek] = [
+        a for a in service.stub.ListAgents(pb.ListAgentsRequest(team_id="t-warsaw")).agents if a.agent_id == "w-marek"
+    ]
+    assert [(w.interaction_id, w.phase) for w in marek.work] == [("chat-1", "connected")]
+    assert [(c.channel, c.in_use, c.max_concurrent) for c in marek.channels] == [(pb.CHAT, 1, 2), (pb.VOICE, 0, 1)]
+
+    eventually(lambda: TeamDocument.objects(team_id="t-warsaw", members__size=3).first())
+    stats = service.stub.GetTeamStats(pb.GetTeamStatsRequest(team_id="t-warsaw"))
+    assert stats.supervisor_id == "sup-nowak"
+    assert dict(stats.agents_by_state) == {"BUSY": 1, "READY": 1, "LOGGED_OUT": 1}
+    assert 0 < stats.occupancy <= 1
+
+
+def test_span_of_control_is_enforced_unless_overridden(service: AgentsService) -> None:
+    service.create_team("t-span")
+    for n in range(9):
+        service.register(f"span-{n}", team_id="t-span")
+    error = rpc_error(
+        service.stub.AssignTeamLeader, pb.AssignTeamLeaderRequest(team_id="t-span", team_leader_id="tl-1")
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "10-16" in error.details()
+    for n in range(9, 16):
+        service.register(f"span-{n}", team_id="t-span")
+    assert (
+        service.stub.AssignTeamLeader(pb.AssignTeamLeaderRequest(team_id="t-span", team_leader_id="tl-1")).members == 16
+    )
+    error = rpc_error(service.register, "span-16", team_id="t-span")
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "17 agents" in error.details()
+    service.register("span-16", team_id="t-span", override_span_of_control=True)
+    service.create_team("t-small")
+    moved = service.stub.MoveAgent(pb.MoveAgentRequest(agent_id="span-16", team_id="t-small"))
+    assert moved.members == 1
+    eventually(lambda: AgentDocument.objects(agent_id="span-16", team_id="t-small").first())
+
+
+# ---- WatchTeam ------------------------------------------------------------------------------
+
+
+def test_watch_team_delivers_every_change_in_order(service: AgentsService) -> None:
+    service.create_team("t-watch")
+    service.register("watch-1", team_id="t-watch")
+    service.register("watch-2", team_id="t-watch")
+    stream = service.stub.WatchTeam(pb.WatchTeamRequest(team_id="t-watch"), timeout=60)
+    assert ("subscribed", "t-watch") in tuple(stream.initial_metadata())  # live from here on
+    received: list[pb.AgentStateChange] = []
+
+    def read(count: int) -> None:
+        for change in stream:
+            received.append(change)
+            if len(received) == count:
+                return
+
+    steps: list[tuple[str, int, dict[str, Any]]] = [
+        ("watch-1", T.LOG_IN, {}),
+        ("watch-2", T.LOG_IN, {}),
+        ("watch-1", T.GO_READY, {}),
+        ("watch-1", T.RESERVE, {"interaction_id": "w-call", "channel": pb.VOICE}),
+        ("watch-2", T.GO_NOT_READY, {"reason": pb.COACHING}),
+        ("watch-1", T.CONNECT, {"interaction_id": "w-call"}),
+        ("watch-1", T.END, {"interaction_id": "w-call"}),
+    ]
+    reader = threading.Thread(target=read, args=(len(steps),))
+    reader.start()
+    for agent_id, transition, fields in steps:
+        service.change(agent_id, transition, **fields)
+    reader.join(timeout=30)
+    stream.cancel()
+    assert len(received) == len(steps)
+    states_after = [S.NOT_READY, S.NOT_READY, S.READY, S.RESERVED, S.NOT_READY, S.BUSY, S.AFTER_CALL_WORK]
+    for agent_id in ("watch-1", "watch-2"):
+        expected = [(t, state) for (a, t, _), state in zip(steps, states_after, strict=True) if a == agent_id]
+        assert [(c.transition, c.state) for c in received if c.agent_id == agent_id] == expected
+        versions = [c.version for c in received if c.agent_id == agent_id]
+        assert versions == sorted(versions)
+    [coaching] = [c for c in received if c.transition == T.GO_NOT_READY]
+    assert (coaching.agent_id, coaching.reason) == ("watch-2", pb.COACHING)
+
+
+# ---- rebuild ---------------------------------------------------------------------------------
+
+
+def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service: AgentsService) -> None:
+    def snapshot() -> dict[str, dict[str, Any]]:
+        docs = {d.agent_id: d.to_mongo().to_dict() for d in AgentDocument.objects.order_by("agent_id")}
+        for doc in docs.values():
+            doc.pop("projected_at", None)
+        return docs
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        first = snapshot()
+        return first if first and first == snapshot() else None
+
+    before = eventually(settled)
+    teams_before = [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")]
+    service.worker.stop()
+    admin = KafkaAdminClient(bootstrap_servers=service.settings.kafka_bootstrap)
+    admin.delete_consumer_groups([service.settings.consumer_group("agents-projections")])
+    admin.close()
+    AgentDocument.drop_collection()
+    TeamDocument.drop_collection()
+    service.restart_worker()
+    eventually(lambda: snapshot() == before, timeout_s=90)
+    assert [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")] == teams_before

@@ -1,0 +1,1 @@
+"""Developer tools that drive the platform from outside (dashboards, screenshots)."""
