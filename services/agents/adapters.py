@@ -92,6 +92,15 @@ def save_team_view(team_id: str, sequence: int, event_id: str, **fields: Any) ->
     return _apply_once(TeamDocument, team_id, sequence, {**fields, "version": sequence, "last_event_id": event_id})
 
 
+BOOKKEEPING = ("last_event_id", "events_applied", "trace_id", "projected_at", "registered_at")
+
+
 def load_agent_view(agent_id: str) -> View | None:
+    """The folded view alone, without the projection's bookkeeping fields."""
     document = AgentDocument.objects(agent_id=agent_id).first()
-    return document.to_view() if document else None
+    if document is None:
+        return None
+    view = document.to_view()
+    for name in BOOKKEEPING:
+        view.pop(name, None)
+    return view

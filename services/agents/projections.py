@@ -8,6 +8,7 @@ sequence, so redeliveries and replays change nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC
 from zoneinfo import ZoneInfo
@@ -27,16 +28,26 @@ from services.kernel.telemetry import trace_id_hex
 log = logging.getLogger(__name__)
 
 
-def project_agent(envelope: EventEnvelope, event: Message, tz: ZoneInfo) -> bool:
-    view = load_agent_view(envelope.aggregate_id) or state_view.new_view(envelope.aggregate_id)
+def next_view(view: state_view.View, envelope: EventEnvelope, event: Message, tz: ZoneInfo) -> state_view.View | None:
+    """The view after the event, or None if the view has seen it already."""
     if envelope.sequence <= view["version"]:
-        return False  # already applied
+        return None
     if envelope.sequence != view["version"] + 1:
         log.warning("agent %s: event %d follows %d (gap)", envelope.aggregate_id, envelope.sequence, view["version"])
     at = envelope.occurred_at.ToDatetime(tzinfo=UTC)
-    view = state_view.evolve(view, event, at.timestamp(), envelope.sequence, tz)
-    registered_at = at if isinstance(event, pb.AgentRegistered) else None
-    return save_agent_view(view, envelope.event_id, trace_id_hex(), registered_at)
+    return state_view.evolve(view, event, at.timestamp(), envelope.sequence, tz)
+
+
+def save(view: state_view.View, envelope: EventEnvelope, event: Message, trace_id: str) -> bool:
+    registered_at = envelope.occurred_at.ToDatetime(tzinfo=UTC) if isinstance(event, pb.AgentRegistered) else None
+    return save_agent_view(view, envelope.event_id, trace_id, registered_at)
+
+
+def project_agent(envelope: EventEnvelope, event: Message, tz: ZoneInfo) -> bool:
+    """Apply one agent event to the read model alone (no Faust table): used by tools and tests."""
+    view = load_agent_view(envelope.aggregate_id) or state_view.new_view(envelope.aggregate_id)
+    after = next_view(view, envelope, event, tz)
+    return after is not None and save(after, envelope, event, trace_id_hex())
 
 
 def project_team(envelope: EventEnvelope, event: Message) -> bool:
@@ -71,4 +82,23 @@ def source_topics(settings: Settings) -> list[str]:
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    envelope_agent(app, settings.topic("agents"), name="agents-view", handle=projector(settings.zone))
+    """The projection keeps each agent's view in a changelogged Faust table (its working
+    state: no database read per event, and co-partitioned with the topic, since both are
+    keyed by agent id) and writes every new version to MongoDB for queries."""
+    tz = settings.zone
+    table = app.Table("agent-state")
+
+    async def project(envelope: EventEnvelope) -> None:
+        event = REGISTRY.decode(envelope)
+        if envelope.aggregate_type == TEAM:
+            await asyncio.to_thread(project_team, envelope, event)
+            return
+        key = envelope.aggregate_id
+        view = table.get(key) or await asyncio.to_thread(load_agent_view, key) or state_view.new_view(key)
+        after = next_view(view, envelope, event, tz)
+        if after is None:
+            return
+        await asyncio.to_thread(save, after, envelope, event, trace_id_hex())
+        table[key] = after  # after MongoDB: a crash in between replays to the same result
+
+    envelope_agent(app, settings.topic("agents"), name="agents-view", handle=project)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import weakref
@@ -80,7 +81,9 @@ def _highwater(app: faust.App, tp: TP) -> int | None:
 def envelope_agent(app: faust.App, topic_name: str, name: str, handle: EnvelopeHandler) -> None:
     """Register a Faust agent that feeds each envelope of `topic_name` to `handle`.
 
-    The handler runs in a worker thread (mongoengine is blocking) inside a CONSUMER
+    A plain handler runs in a worker thread (mongoengine is blocking); a coroutine
+    handler runs on the loop (to use Faust tables) and offloads its own blocking
+    work.  Either runs inside a CONSUMER
     span whose parent is the PRODUCER span named in the record headers, so its
     MongoDB writes appear as that span's children in the journey's trace.
     """
@@ -144,7 +147,10 @@ async def _handle_with_retry(handle: EnvelopeHandler, envelope: EventEnvelope) -
     delay = 0.5
     while True:
         try:
-            await asyncio.to_thread(handle, envelope)
+            if inspect.iscoroutinefunction(handle):
+                await handle(envelope)  # async handlers use Faust tables on the loop themselves
+            else:
+                await asyncio.to_thread(handle, envelope)
             return ""
         except UnknownEventType:
             log.warning("skipping event %s of unknown type %s", envelope.event_id, envelope.event_type)

@@ -16,9 +16,9 @@ from centralino.v1 import agents_pb2 as pb
 from centralino.v1.agents_pb2 import AgentState as S
 from centralino.v1.agents_pb2 import Transition as T
 from google.protobuf.timestamp_pb2 import Timestamp
-from kafka import KafkaAdminClient
 
 from services.agents.adapters import AgentDocument, TeamDocument
+from services.agents.rebuild import rebuild
 from tests.helpers import eventually
 from tests.integration.conftest import AgentsService
 
@@ -313,11 +313,8 @@ def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service:
     before = eventually(settled)
     teams_before = [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")]
     service.worker.stop()
-    admin = KafkaAdminClient(bootstrap_servers=service.settings.kafka_bootstrap)
-    admin.delete_consumer_groups([service.settings.consumer_group("agents-projections")])
-    admin.close()
-    AgentDocument.drop_collection()
-    TeamDocument.drop_collection()
+    rebuild(service.settings)
+    assert AgentDocument.objects.count() == 0
     service.restart_worker()
     eventually(lambda: snapshot() == before, timeout_s=90)
     assert [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")] == teams_before

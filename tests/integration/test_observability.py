@@ -312,9 +312,10 @@ def test_a_refused_request_is_logged_with_its_trace(
     platform: Platform, console: TracerProvider, collector: tuple[Collector, str]
 ) -> None:
     tracer = console.get_tracer("centralino.console")
-    with tracer.start_as_current_span("register bad agent") as span, instrumented_channel(
-        platform.target, tracer_provider=console
-    ) as channel:
+    with (
+        tracer.start_as_current_span("register bad agent") as span,
+        instrumented_channel(platform.target, tracer_provider=console) as channel,
+    ):
         with pytest.raises(grpc.RpcError) as refused:
             agents_pb2_grpc.AgentsServiceStub(channel).RegisterAgent(
                 pb.RegisterAgentRequest(agent_id="bad id!", name="x"), timeout=10
@@ -348,9 +349,7 @@ def test_a_refused_request_is_logged_with_its_trace(
 
 
 @pytest.mark.parametrize("exporter", ["zipkin", "otlp"])
-def test_services_run_on_when_no_dashboard_is_there(
-    exporter: str, stack: dict[str, str], tmp_path: Path
-) -> None:
+def test_services_run_on_when_no_dashboard_is_there(exporter: str, stack: dict[str, str], tmp_path: Path) -> None:
     """Nothing listens where traces and metrics go: requests stay fast, the failure is logged
     once per signal, and flushing at exit does not hold the process up."""
     settings = namespace_settings(stack, tmp_path)
