@@ -146,7 +146,8 @@ def _account_state(view: View, start: float, end: float, tz: ZoneInfo) -> None:
 # ---- folding events --------------------------------------------------------------
 
 
-def _as_agent(view: View) -> Agent:
+def as_agent(view: View) -> Agent:
+    """The domain's Agent for this view: presence, channels and work items."""
     return Agent(
         agent_id=view["agent_id"],
         registered=bool(view["name"]),
@@ -212,7 +213,7 @@ def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo) -
     """
     view = copy.deepcopy(view)
     _profile(view, event)
-    after = apply(_as_agent(view), event)
+    after = apply(as_agent(view), event)
     if isinstance(event, AgentStateChanged):
         _state_changed(view, event, after, at, tz)
     view.update(available_on=available_channels(after), version=sequence)
@@ -223,7 +224,7 @@ def _state_changed(view: View, event: AgentStateChanged, after: Agent, at: float
     if view["accounted_until"] is not None and at > view["accounted_until"]:
         _account_state(view, view["accounted_until"], at, tz)
     view["accounted_until"] = max(at, view["accounted_until"] or at)
-    view["work"] = _account_work(view, _as_agent(view), after, at, tz)
+    view["work"] = _account_work(view, as_agent(view), after, at, tz)
     if event.transition == Transition.COMPLETE_WRAP_UP:
         _day(view, day_of(at, tz))["handled"] += 1
     state = state_of(after)

@@ -27,6 +27,10 @@ class Settings:
     relay_interval_s: float = 1.0
     # The contact center's time zone: "today", shifts and midnight splits follow it.
     timezone: str = "UTC"
+    # Routing: a JSON file overriding/adding queues, and the service-level formula
+    # ("answered", "answered_and_abandoned" or "left_queue"; see routing/domain/stats.py).
+    routing_queues_file: str = ""
+    service_level_variant: str = "answered_and_abandoned"
     # Observability.  Exporters are named by the standard OpenTelemetry variables,
     # with the specification's default ("otlp"); where each exporter sends to
     # (OTEL_EXPORTER_OTLP_*, OTEL_EXPORTER_ZIPKIN_*) is read by the exporter itself.
@@ -73,6 +77,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         state_dir=Path(env.get("CENTRALINO_STATE_DIR", str(defaults.state_dir))),
         relay_interval_s=float(env.get("CENTRALINO_RELAY_INTERVAL_S", defaults.relay_interval_s)),
         timezone=env.get("CENTRALINO_TIMEZONE", defaults.timezone),
+        routing_queues_file=env.get("CENTRALINO_ROUTING_QUEUES", defaults.routing_queues_file),
+        service_level_variant=env.get("CENTRALINO_SERVICE_LEVEL_VARIANT", defaults.service_level_variant),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
         metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,
         otlp_protocol=env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() or defaults.otlp_protocol,

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from centralino.v1 import agents_pb2 as pb
-from centralino.v1 import agents_pb2_grpc
+from centralino.v1 import agents_pb2_grpc, routing_pb2_grpc
 
 from infra.stack import free_port
 from services.kernel import mongo as kernel_mongo
@@ -94,5 +94,73 @@ def agents(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> I
         channel.close()
         server.stop()
         service.worker.stop()
+        client.drop_database(settings.mongo_db)
+        kernel_mongo.disconnect()
+
+
+@dataclass
+class Platform:
+    """The agents server and the routing server (the router) on one namespace."""
+
+    settings: Settings
+    agents: agents_pb2_grpc.AgentsServiceStub
+    routing: routing_pb2_grpc.RoutingServiceStub
+    agents_server: ServiceProcess
+    routing_server: ServiceProcess
+    env: dict[str, str]
+    routing_target: str
+
+    def restart_router(self, kill: bool = False) -> None:
+        self.routing_server.stop(sig=9 if kill else 15)
+        log = self.routing_server.log_path
+        self.routing_server = ServiceProcess("services.routing.server", self.env, log).start()
+        self.routing_server.wait_healthy(self.routing_target)
+
+
+@pytest.fixture(scope="module")
+def platform(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    state = tmp_path_factory.mktemp("platform")
+    settings = Settings(
+        kafka_bootstrap=stack["kafka_bootstrap"],
+        mongo_url=stack["mongo_url"],
+        namespace=f"t{uuid.uuid4().hex[:12]}",
+        state_dir=state,
+        relay_interval_s=0.2,
+    )
+    agents_port, routing_port = free_port(), free_port()
+    env = {
+        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "MONGO_URL": settings.mongo_url,
+        "CENTRALINO_NAMESPACE": settings.namespace,
+        "CENTRALINO_STATE_DIR": str(state),
+        "CENTRALINO_RELAY_INTERVAL_S": "0.2",
+        "AGENTS_GRPC_PORT": str(agents_port),
+        "ROUTING_GRPC_PORT": str(routing_port),
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path.cwd() / "gen")]),
+        "CENTRALINO_ROUTING_QUEUES": str(Path(__file__).parent / "routing_queues.json"),
+    }
+    agents_server = ServiceProcess("services.agents.server", env, state / "agents.log").start()
+    routing_server = ServiceProcess("services.routing.server", env, state / "routing.log").start()
+    client = kernel_mongo.connect(settings)
+    agents_channel = grpc.insecure_channel(f"127.0.0.1:{agents_port}")
+    routing_channel = grpc.insecure_channel(f"127.0.0.1:{routing_port}")
+    running = Platform(
+        settings,
+        agents_pb2_grpc.AgentsServiceStub(agents_channel),
+        routing_pb2_grpc.RoutingServiceStub(routing_channel),
+        agents_server,
+        routing_server,
+        env,
+        f"127.0.0.1:{routing_port}",
+    )
+    try:
+        agents_server.wait_healthy(f"127.0.0.1:{agents_port}")
+        routing_server.wait_healthy(running.routing_target)
+        yield running
+    finally:
+        agents_channel.close()
+        routing_channel.close()
+        running.routing_server.stop()
+        agents_server.stop()
         client.drop_database(settings.mongo_db)
         kernel_mongo.disconnect()

@@ -1,0 +1,92 @@
+"""The router's live picture of every agent, folded from the agents topic.
+
+A Kafka consumer without a group reads the agents topic from its beginning and
+folds each agent's events with the same pure function the agents projection
+uses (`state_view.evolve`), so routing reads memory, not a database.  The
+picture may trail the agents service by a few milliseconds; that is safe because
+the agents service itself refuses a reservation beyond an agent's capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC
+from zoneinfo import ZoneInfo
+
+from centralino.v1.envelope_pb2 import EventEnvelope
+from kafka import KafkaConsumer
+from kafka.structs import TopicPartition
+
+from services.agents import state_view
+from services.agents.events import AGENT
+from services.agents.events import REGISTRY as AGENT_EVENTS
+from services.kernel.kafka import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+class AgentFeed:
+    def __init__(self, bootstrap: str, topic: str, tz: ZoneInfo, on_change: Callable[[str], None]) -> None:
+        self._bootstrap = bootstrap
+        self._topic = topic
+        self.tz = tz
+        self._on_change = on_change
+        self._views: dict[str, state_view.View] = {}
+        self._lock = threading.Lock()
+        self._caught_up = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    def wait_caught_up(self, timeout_s: float) -> bool:
+        """True once everything published before the feed started has been folded."""
+        return self._caught_up.wait(timeout_s)
+
+    def views(self) -> dict[str, state_view.View]:
+        with self._lock:
+            return dict(self._views)
+
+    def apply(self, envelope: EventEnvelope) -> None:
+        if envelope.aggregate_type != AGENT:
+            return
+        view = self._views.get(envelope.aggregate_id) or state_view.new_view(envelope.aggregate_id)
+        if envelope.sequence <= view["version"]:
+            return
+        event = AGENT_EVENTS.decode(envelope)
+        at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
+        with self._lock:
+            self._views[envelope.aggregate_id] = state_view.evolve(view, event, at, envelope.sequence, self.tz)
+        self._on_change(envelope.aggregate_id)
+
+    def _consumer(self) -> tuple[KafkaConsumer, dict[TopicPartition, int]]:
+        ensure_topics(self._bootstrap, [self._topic])
+        consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
+        partitions = [TopicPartition(self._topic, p) for p in sorted(consumer.partitions_for_topic(self._topic))]
+        consumer.assign(partitions)
+        ends = consumer.end_offsets(partitions)
+        for partition, offset in consumer.beginning_offsets(partitions).items():
+            consumer.seek(partition, offset)
+        return consumer, ends
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                consumer, ends = self._consumer()
+                while not self._stopping.is_set():
+                    for records in consumer.poll(timeout_ms=100).values():
+                        for record in records:
+                            self.apply(EventEnvelope.FromString(record.value))
+                    if not self._caught_up.is_set() and all(consumer.position(p) >= end for p, end in ends.items()):
+                        self._caught_up.set()
+                consumer.close()
+            except Exception:  # broker outage: the views stay, positions are re-read
+                log.exception("agent feed lost Kafka; reconnecting")
+                self._stopping.wait(2.0)

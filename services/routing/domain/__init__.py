@@ -1,0 +1,1 @@
+"""Routing domain: queues, the Interaction aggregate, matching.  Pure: no IO here."""

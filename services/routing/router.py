@@ -1,0 +1,440 @@
+"""The router: keeps the open interactions, matches them to agents, drives offers.
+
+All changes to interactions pass through one lock in one process (one active
+router per deployment), so memory and the event store agree.  Correctness does
+not rest on that alone: an interaction can only be offered while QUEUED
+(optimistic concurrency on the aggregate), and an agent can only be reserved
+within its capacity (the agents service's own aggregate).  After a crash the
+router folds the routing log from the event store and carries on: offers still
+standing keep their deadlines, nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import grpc
+from centralino.v1 import routing_pb2 as pb
+from centralino.v1.agents_pb2 import AgentState, Transition
+from google.protobuf.message import Message
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from services.agents import state_view
+from services.agents.domain.agent import Agent, WorkItem
+from services.agents.domain.state_machine import available_channels
+from services.kernel.envelope import Metadata, new_id
+from services.kernel.errors import ConcurrencyConflict, NotFound
+from services.kernel.eventstore import StoredEvent
+from services.kernel.repository import Repository
+from services.kernel.telemetry import current_trace_headers
+from services.routing.agent_feed import AgentFeed
+from services.routing.agents_port import AgentRefused, AgentsPort
+from services.routing.domain import interaction as domain
+from services.routing.domain.interaction import OPEN, Interaction
+from services.routing.domain.matching import Candidate, plan
+from services.routing.domain.queues import QueueConfig, queue_for
+from services.routing.domain.stats import QueueKpis, queue_kpis
+from services.routing.events import REGISTRY
+from services.routing.offers import OfferBus
+
+log = logging.getLogger(__name__)
+S = pb.InteractionStatus
+PRODUCER = "centralino-routing"
+REFUSAL_COOLDOWN_S = 1.0
+RECONCILE_EVERY_S = 2.0  # after a refused reservation, let the agent feed catch up first
+Clock = Callable[[], datetime]
+
+
+class Router:
+    def __init__(
+        self,
+        interactions: Repository,
+        agents: AgentsPort,
+        feed: AgentFeed,
+        bus: OfferBus,
+        queues: Mapping[str, QueueConfig],
+        clock: Clock,
+        sl_variant: str,
+        topic: str,
+    ) -> None:
+        self._repo = interactions
+        self._agents = agents
+        self._feed = feed
+        self._bus = bus
+        self._queues = dict(queues)
+        self._clock = clock
+        self.sl_variant = sl_variant
+        self._topic = topic
+        self._lock = threading.RLock()
+        self._all: dict[str, Interaction] = {}
+        self._journey: dict[str, tuple[str, dict[str, str]]] = {}  # correlation id, W3C headers
+        self._pending: dict[str, dict[str, int]] = defaultdict(dict)  # agent -> reserved, not yet in the feed
+        self._cooldown: dict[str, float] = {}
+        self._last_offer_at: dict[str, float] = {}
+        self._next_reconcile = 0.0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="router", daemon=True)
+
+    # ---- life cycle ----
+
+    def recover(self) -> int:
+        """Fold the whole routing log from the event store; returns how many interactions are open."""
+        from centralino.v1.envelope_pb2 import EventEnvelope
+
+        with self._lock:
+            for stored in StoredEvent.objects(topic=self._topic).order_by("aggregate_id", "sequence"):
+                envelope = EventEnvelope.FromString(stored.envelope)
+                iid = envelope.aggregate_id
+                at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
+                current = self._all.get(iid) or Interaction(interaction_id=iid)
+                self._all[iid] = domain.apply(current, REGISTRY.decode(envelope), at)
+                self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
+            return sum(1 for i in self._all.values() if i.status in OPEN)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def wake(self, *_: object) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(timeout=0.2)  # also the offer-timeout tick
+            self._wake.clear()
+            if not self._feed.wait_caught_up(0):
+                continue  # never route on a stale picture of the agents
+            try:
+                self.expire_offers()
+                if time.monotonic() >= self._next_reconcile:
+                    self._next_reconcile = time.monotonic() + RECONCILE_EVERY_S
+                    self.reconcile()
+                self.route_once()
+            except Exception:
+                log.exception("routing pass failed; retrying")
+
+    # ---- writing ----
+
+    def _meta(self, iid: str) -> Metadata:
+        correlation, _ = self._journey.get(iid, ("", {}))
+        return Metadata(correlation_id=correlation or iid, causation_id=new_id(), producer=PRODUCER)
+
+    def _save(self, interaction: Interaction, events: Sequence[Message], meta: Metadata | None = None) -> Interaction:
+        now = self._clock()
+        _, headers = self._journey.get(interaction.interaction_id, ("", {}))
+        # Router-made changes continue the journey's trace begun by CreateInteraction.
+        token = otel_context.attach(propagate.extract(headers)) if headers and meta is None else None
+        try:
+            self._repo.save(
+                interaction.interaction_id,
+                interaction.version,
+                events,
+                meta or self._meta(interaction.interaction_id),
+                occurred_at=now,
+            )
+        except ConcurrencyConflict:
+            self._reload(interaction.interaction_id)
+            raise
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        for event in events:
+            interaction = domain.apply(interaction, event, now.timestamp())
+        self._all[interaction.interaction_id] = interaction
+        return interaction
+
+    def _reload(self, iid: str) -> Interaction:
+        interaction = domain.replay(iid, self._repo.history(iid))
+        self._all[iid] = interaction
+        return interaction
+
+    def _get(self, iid: str) -> Interaction:
+        interaction = self._all.get(iid)
+        if interaction is None:
+            raise NotFound(f"interaction {iid} does not exist")
+        return interaction
+
+    # ---- intake ----
+
+    def create(self, command: domain.CreateInteraction, correlation_id: str) -> Interaction:
+        queue = queue_for(self._queues.values(), command.department, command.language, command.direction)
+        with self._lock:
+            current = self._all.get(command.interaction_id) or Interaction(interaction_id=command.interaction_id)
+            events = domain.create(command, current, queue)
+            if events:
+                self._journey[command.interaction_id] = (
+                    correlation_id or command.interaction_id,
+                    current_trace_headers(),
+                )
+                meta = Metadata(
+                    correlation_id=correlation_id or command.interaction_id, causation_id=new_id(), producer=PRODUCER
+                )
+                current = self._save(current, events, meta)
+        self._wake.set()
+        return current
+
+    def abandon(self, iid: str, reason: str, meta: Metadata) -> Interaction:
+        return self._withdraw(iid, lambda i: domain.abandon(i, reason), meta)
+
+    def cancel(self, iid: str, reason: str, meta: Metadata) -> Interaction:
+        return self._withdraw(iid, lambda i: domain.cancel(i, reason), meta)
+
+    def _withdraw(self, iid: str, decide: Callable[[Interaction], list[Message]], meta: Metadata) -> Interaction:
+        with self._lock:
+            before = self._get(iid)
+            after = self._save(before, decide(before), meta)
+            if before.status == S.OFFERED:  # release the reserved agent, no fault of theirs
+                self._release(before.agent_id, iid, Transition.REJECT_OFFER)
+            return after
+
+    # ---- agent side ----
+
+    def accept(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
+        return self._agent_step(agent_id, iid, domain.accept, Transition.CONNECT, meta)
+
+    def reject(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
+        result = self._agent_step(
+            agent_id, iid, lambda i, a: domain.end_offer(i, a, "rejected"), Transition.REJECT_OFFER, meta
+        )
+        self._wake.set()
+        return result
+
+    def end(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
+        return self._agent_step(agent_id, iid, domain.end, Transition.END, meta)
+
+    def complete(self, agent_id: str, iid: str, code: str, disposition: str, meta: Metadata) -> Interaction:
+        decide = lambda i, a: domain.complete(i, a, code, disposition)  # noqa: E731
+        result = self._agent_step(agent_id, iid, decide, Transition.COMPLETE_WRAP_UP, meta, code)
+        self._wake.set()
+        return result
+
+    def _agent_step(
+        self,
+        agent_id: str,
+        iid: str,
+        decide: Callable[[Interaction, str], list[Message]],
+        transition: int,
+        meta: Metadata,
+        wrap_up_code: str = "",
+    ) -> Interaction:
+        """Record the step on the interaction (the source of truth), then move the agent.
+        If the agents service cannot follow now, `reconcile` brings the agent in line."""
+        with self._lock:
+            interaction = self._save(self._get(iid), decide(self._get(iid), agent_id), meta)
+            self._pending[agent_id].pop(iid, None)
+            self._move_agent(agent_id, iid, transition, wrap_up_code)
+            return interaction
+
+    def _move_agent(self, agent_id: str, iid: str, transition: int, wrap_up_code: str = "") -> bool:
+        try:
+            self._agents.change(agent_id, transition, iid, wrap_up_code=wrap_up_code)
+            return True
+        except (AgentRefused, grpc.RpcError) as error:
+            log.warning("agent %s did not follow %s on %s: %s", agent_id, Transition.Name(transition), iid, error)
+            return False
+
+    def _release(self, agent_id: str, iid: str, transition: int) -> None:
+        self._pending[agent_id].pop(iid, None)
+        self._move_agent(agent_id, iid, transition)
+
+    # ---- recovery: bring agents in line with the interactions ----
+
+    def reconcile(self, grace_s: float = 3.0) -> int:
+        """Drive each agent's work item to the phase its interaction is in.
+
+        Interactions change first and agents follow, so after a crash (or an agents
+        service outage) between the two, an agent can be a step behind; changes
+        younger than `grace_s` are left alone while the agent feed catches up."""
+        fixes = 0
+        with self._lock:
+            now = self._clock().timestamp()
+            views = self._feed.views()
+            for agent_id, view in views.items():
+                for item in view["work"]:
+                    interaction = self._all.get(item["interaction_id"])
+                    if interaction is None or now - (interaction.changed_at or now) < grace_s:
+                        continue
+                    if now - item["since"] < grace_s:
+                        continue
+                    fixes += self._drive(agent_id, item["phase"], interaction)
+            for interaction in self._all.values():
+                phase = domain.AGENT_PHASE.get(interaction.status)
+                if phase is None or now - (interaction.changed_at or now) < grace_s:
+                    continue
+                agent_view = views.get(interaction.agent_id)
+                held = {w["interaction_id"] for w in agent_view["work"]} if agent_view else set()
+                if interaction.interaction_id not in held and interaction.status == S.OFFERED:
+                    fixes += self._reserve_again(interaction)
+        return fixes
+
+    def _drive(self, agent_id: str, phase: str, interaction: Interaction) -> int:
+        iid = interaction.interaction_id
+        target = domain.AGENT_PHASE.get(interaction.status) if interaction.agent_id == agent_id else None
+        if interaction.status == S.COMPLETED and interaction.agent_id == agent_id:
+            target = "done"
+        order = ["reserved", "connected", "wrap_up", "done"]
+        current = "connected" if phase == "held" else phase
+        if target is None:  # not this agent's any more (withdrawn, re-offered, ...)
+            if current == "reserved":
+                return int(self._move_agent(agent_id, iid, Transition.REJECT_OFFER))
+            target = "done"
+        steps = {"connected": Transition.CONNECT, "wrap_up": Transition.END, "done": Transition.COMPLETE_WRAP_UP}
+        moved = 0
+        for next_phase in order[order.index(current) + 1 : order.index(target) + 1]:
+            if not self._move_agent(agent_id, iid, steps[next_phase], wrap_up_code="reconciled"):
+                break
+            moved += 1
+        return moved
+
+    def _reserve_again(self, interaction: Interaction) -> int:
+        """An offer recorded but never reserved (a crash in between): reserve, or put it back."""
+        try:
+            self._agents.reserve(interaction.agent_id, interaction.interaction_id, interaction.channel)
+            return 1
+        except (AgentRefused, grpc.RpcError):
+            self._save(interaction, domain.end_offer(interaction, interaction.agent_id, "agent_unavailable"))
+            return 1
+
+    def standing_offers(self, agent_id: str) -> list[pb.Offer]:
+        with self._lock:
+            return [
+                self._offer_message(i) for i in self._all.values() if i.status == S.OFFERED and i.agent_id == agent_id
+            ]
+
+    # ---- routing ----
+
+    def _candidates(self, now: float) -> tuple[dict[str, Candidate], dict[str, Agent]]:
+        candidates: dict[str, Candidate] = {}
+        agents: dict[str, Agent] = {}
+        for agent_id, view in self._feed.views().items():
+            if not (view["logged_in"] and view["ready"]) or self._cooldown.get(agent_id, 0) > now:
+                continue
+            agent = state_view.as_agent(view)
+            known = {w.interaction_id for w in agent.work}
+            pending = self._pending.get(agent_id, {})
+            for iid in [iid for iid in pending if iid in known]:
+                del pending[iid]  # the feed has caught up with our reservation
+            extra = tuple(WorkItem(iid, channel, "reserved") for iid, channel in pending.items())
+            agent = replace(agent, work=agent.work + extra)
+            channels = frozenset(available_channels(agent))
+            if not channels:
+                continue
+            agents[agent_id] = agent
+            candidates[agent_id] = Candidate(
+                agent_id=agent_id,
+                skills={s["name"]: s["proficiency"] for s in view["skills"]},
+                channels=channels,
+                idle_since=view["since"] if view["state"] == AgentState.READY else now,
+                occupancy=self._occupancy(view, now),
+                last_offer_at=self._last_offer_at.get(agent_id, 0.0),
+            )
+        return candidates, agents
+
+    def _occupancy(self, view: state_view.View, now: float) -> float:
+        if not any(q.strategy == "least_occupied" for q in self._queues.values()):
+            return 0.0
+        tz = self._feed.tz
+        current = state_view.up_to(view, now, tz)
+        return float(state_view.day_counters(current, state_view.day_of(now, tz))["occupancy"])
+
+    def route_once(self) -> int:
+        with self._lock:
+            now = self._clock().timestamp()
+            waiting = [i for i in self._all.values() if i.status == S.QUEUED]
+            if not waiting:
+                return 0
+            candidates, agents = self._candidates(now)
+
+            def after_offer(candidate: Candidate, channel: int) -> Candidate | None:
+                agent = agents[candidate.agent_id]
+                agent = replace(agent, work=(*agent.work, WorkItem(new_id(), channel, "reserved")))
+                agents[candidate.agent_id] = agent
+                room = frozenset(available_channels(agent))
+                return replace(candidate, channels=room, last_offer_at=now) if room else None
+
+            in_progress: dict[str, int] = defaultdict(int)
+            for i in self._all.values():
+                if i.status in (S.OFFERED, S.CONNECTED):
+                    in_progress[i.queue_id] += 1
+            matches = plan(waiting, self._queues, candidates, now, after_offer, in_progress)
+            return sum(1 for m in matches if self._offer(m.interaction_id, m.agent_id, m.step))
+
+    def _offer(self, iid: str, agent_id: str, step: int) -> bool:
+        interaction = self._all[iid]
+        now = self._clock()
+        deadline = now.timestamp() + self._queues[interaction.queue_id].offer_timeout_s
+        try:
+            interaction = self._save(
+                interaction, domain.offer(interaction, agent_id, datetime.fromtimestamp(deadline, UTC), step)
+            )
+        except ConcurrencyConflict:
+            return False
+        try:
+            self._agents.reserve(agent_id, iid, interaction.channel)
+        except (AgentRefused, grpc.RpcError) as refused:
+            log.info("reservation of %s for %s refused: %s", agent_id, iid, refused)
+            self._cooldown[agent_id] = now.timestamp() + REFUSAL_COOLDOWN_S
+            self._save(interaction, domain.end_offer(interaction, agent_id, "agent_unavailable"))
+            return False
+        self._pending[agent_id][iid] = interaction.channel
+        self._last_offer_at[agent_id] = now.timestamp()
+        self._bus.publish(agent_id, self._offer_message(interaction))
+        return True
+
+    def expire_offers(self) -> int:
+        with self._lock:
+            now = self._clock().timestamp()
+            expired = [i for i in self._all.values() if i.status == S.OFFERED and (i.expires_at or now) <= now]
+            for interaction in expired:
+                agent_id = interaction.agent_id
+                self._save(interaction, domain.end_offer(interaction, agent_id, "timed_out"))
+                self._release(agent_id, interaction.interaction_id, Transition.MISS_OFFER)
+            return len(expired)
+
+    def _offer_message(self, interaction: Interaction) -> pb.Offer:
+        offer = pb.Offer(
+            interaction_id=interaction.interaction_id,
+            queue_id=interaction.queue_id,
+            channel=interaction.channel,  # type: ignore[arg-type]
+            customer_id=interaction.customer_id,
+            language=interaction.language,
+            department=interaction.department,
+            priority=interaction.priority,
+            attributes=dict(interaction.attributes),
+        )
+        if interaction.expires_at:
+            offer.expires_at.FromDatetime(datetime.fromtimestamp(interaction.expires_at, UTC))
+        return offer
+
+    # ---- supervisor side ----
+
+    def queue_stats(self, queue_id: str) -> tuple[QueueConfig, QueueKpis, int, int]:
+        queue = self._queues.get(queue_id)
+        if queue is None:
+            raise NotFound(f"queue {queue_id} does not exist")
+        with self._lock:
+            kpis = queue_kpis(list(self._all.values()), queue, self._clock().timestamp(), self.sl_variant)
+        ready = busy = 0
+        target = queue.targets[0]
+        for view in self._feed.views().values():
+            skills = {s["name"]: s["proficiency"] for s in view["skills"]}
+            if not all(skills.get(skill, 0) >= target.min_proficiency for skill in target.skills):
+                continue
+            ready += view["state"] == AgentState.READY
+            busy += view["state"] in (AgentState.RESERVED, AgentState.BUSY, AgentState.AFTER_CALL_WORK)
+        return queue, kpis, ready, busy
+
+    def queue_ids(self) -> list[str]:
+        return sorted(self._queues)

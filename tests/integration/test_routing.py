@@ -1,0 +1,210 @@
+"""Routing through the real stack: agents server + routing server, Kafka, MongoDB-wire database."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from centralino.v1 import agents_pb2 as apb
+from centralino.v1 import routing_pb2 as pb
+from centralino.v1.agents_pb2 import Transition as T
+from centralino.v1.envelope_pb2 import EventEnvelope
+
+from services.agents.events import REGISTRY as AGENT_EVENTS
+from services.kernel.eventstore import StoredEvent
+from services.routing.events import REGISTRY as ROUTING_EVENTS
+from tests.helpers import eventually
+from tests.integration.conftest import Platform
+
+pytestmark = pytest.mark.integration
+S = pb.InteractionStatus
+
+
+class Desk:
+    """An agent's desktop: its offer stream, read in the background."""
+
+    def __init__(self, platform: Platform, agent_id: str) -> None:
+        self.platform = platform
+        self.agent_id = agent_id
+        self.offers: list[pb.Offer] = []
+        self._stream = platform.routing.StreamOffers(pb.StreamOffersRequest(agent_id=agent_id))
+        self._stream.initial_metadata()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for offer in self._stream:
+                self.offers.append(offer)
+        except grpc.RpcError:
+            pass
+
+    def next_offer(self, seen: int = 0, timeout_s: float = 20) -> pb.Offer:
+        eventually(lambda: len(self.offers) > seen, timeout_s=timeout_s, interval_s=0.05)
+        return self.offers[seen]
+
+    def decide(self, call: str, interaction_id: str) -> pb.InteractionResponse:
+        request = pb.OfferDecision(agent_id=self.agent_id, interaction_id=interaction_id)
+        return getattr(self.platform.routing, call)(request, timeout=10)
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+
+@pytest.fixture(scope="module")
+def team(platform: Platform) -> str:
+    platform.agents.CreateTeam(apb.CreateTeamRequest(team_id="r-team", name="Routing team"))
+    return "r-team"
+
+
+def hire(platform: Platform, team: str, skills: dict[str, int], channels: dict[int, int], ready: bool = True) -> str:
+    agent_id = f"ag-{uuid.uuid4().hex[:8]}"
+    platform.agents.RegisterAgent(
+        apb.RegisterAgentRequest(
+            agent_id=agent_id,
+            name="Agent",
+            team_id=team,
+            seniority=apb.CONSULTANT,
+            skills=[apb.Skill(name=n, proficiency=p) for n, p in skills.items()],
+            channels=[apb.ChannelCapacity(channel=c, max_concurrent=m) for c, m in channels.items()],  # type: ignore[arg-type]
+            override_span_of_control=True,
+        )
+    )
+    platform.agents.ChangeState(apb.ChangeStateRequest(agent_id=agent_id, transition=T.LOG_IN))
+    if ready:
+        platform.agents.ChangeState(apb.ChangeStateRequest(agent_id=agent_id, transition=T.GO_READY))
+    return agent_id
+
+
+def create(platform: Platform, department: str, language: str, channel: int, **fields: Any) -> str:
+    request = pb.CreateInteractionRequest(
+        channel=channel,  # type: ignore[arg-type]
+        direction=pb.INBOUND,
+        customer_id=f"+39 02 {uuid.uuid4().int % 10**7:07d}",
+        language=language,
+        department=department,
+        **fields,
+    )
+    return platform.routing.CreateInteraction(request, timeout=10).interaction_id
+
+
+def history(aggregate_id: str, registry: Any) -> list[tuple[str, Any]]:
+    stored = StoredEvent.objects(aggregate_id=aggregate_id).order_by("sequence")
+    envelopes = [EventEnvelope.FromString(s.envelope) for s in stored]
+    return [(e.event_type, registry.decode(e)) for e in envelopes]
+
+
+@pytest.fixture
+def desks() -> Iterator[list[Desk]]:
+    opened: list[Desk] = []
+    yield opened
+    for desk in opened:
+        desk.close()
+
+
+def test_an_interaction_travels_from_intake_to_wrap_up(platform: Platform, team: str, desks: list[Desk]) -> None:
+    agent = hire(platform, team, {"account_management": 5, "lang:en": 5}, {apb.CHAT: 2})
+    desk = Desk(platform, agent)
+    desks.append(desk)
+    iid = create(platform, "account_management", "en", apb.CHAT, attributes={"order": "A-17"})
+    offer = desk.next_offer()
+    assert (offer.interaction_id, offer.queue_id, offer.attributes["order"]) == (iid, "account_management.en", "A-17")
+    assert desk.decide("AcceptOffer", iid).status == S.CONNECTED
+    assert desk.decide("EndInteraction", iid).status == S.WRAP_UP
+    done = platform.routing.CompleteInteraction(
+        pb.CompleteInteractionRequest(
+            agent_id=agent, interaction_id=iid, wrap_up_code="billing", disposition="resolved"
+        )
+    )
+    assert done.status == S.COMPLETED
+    transitions = [e.transition for t, e in history(agent, AGENT_EVENTS) if t == "agents.AgentStateChanged"]
+    assert transitions[-4:] == [T.RESERVE, T.CONNECT, T.END, T.COMPLETE_WRAP_UP]
+    stats = platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="account_management.en"))
+    assert (stats.offered, stats.answered, stats.waiting, stats.service_level) == (1, 1, 0, 1.0)
+    with pytest.raises(grpc.RpcError) as refused:
+        desk.decide("AcceptOffer", iid)
+    error = refused.value
+    assert (
+        error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and ("current-state", "COMPLETED") in error.trailing_metadata()
+    )
+
+
+def test_bad_intake_names_the_field(platform: Platform) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"department": "astrology", "language": "it", "channel": apb.CHAT}, "department"),
+        ({"department": "sales", "language": "fr", "channel": apb.CHAT}, "language"),
+        ({"department": "sales", "language": "it", "channel": 0}, "channel"),
+        ({"department": "sales", "language": "it", "channel": apb.CHAT, "priority": 11}, "priority"),
+    ]
+    for fields, field in cases:
+        request = pb.CreateInteractionRequest(direction=pb.INBOUND, customer_id="c@example.com", **fields)
+        with pytest.raises(grpc.RpcError) as refused:
+            platform.routing.CreateInteraction(request)
+        error = refused.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and ("field", field) in error.trailing_metadata()
+
+
+def test_a_missed_offer_goes_back_to_the_front_and_the_agent_becomes_not_ready(
+    platform: Platform, team: str, desks: list[Desk]
+) -> None:
+    sleepy = hire(platform, team, {"customer_service": 5, "lang:it": 5}, {apb.VOICE: 1})
+    desks.append(sleepy_desk := Desk(platform, sleepy))
+    iid = create(platform, "customer_service", "it", apb.VOICE)
+    assert sleepy_desk.next_offer().interaction_id == iid
+    started = time.monotonic()
+    awake = hire(platform, team, {"customer_service": 5, "lang:it": 5}, {apb.VOICE: 1})
+    desks.append(awake_desk := Desk(platform, awake))
+    offer = awake_desk.next_offer(timeout_s=15)
+    assert offer.interaction_id == iid and time.monotonic() - started >= 1.5  # queue's offer timeout: 2 s
+    events = [(t, getattr(e, "outcome", "")) for t, e in history(iid, ROUTING_EVENTS)]
+    assert events[:4] == [
+        ("routing.InteractionCreated", ""),
+        ("routing.InteractionOffered", ""),
+        ("routing.OfferEnded", "timed_out"),
+        ("routing.InteractionOffered", ""),
+    ]
+    last = [e for t, e in history(sleepy, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
+    assert (last.transition, last.state, last.reason) == (T.MISS_OFFER, apb.NOT_READY, apb.MISSED_OFFER)
+
+
+def test_a_rejected_offer_goes_to_the_next_agent(platform: Platform, team: str, desks: list[Desk]) -> None:
+    first = hire(platform, team, {"technical_support": 4, "lang:pl": 5}, {apb.EMAIL: 3})
+    desks.append(first_desk := Desk(platform, first))
+    iid = create(platform, "technical_support", "pl", apb.EMAIL)
+    assert first_desk.next_offer().interaction_id == iid
+    second = hire(platform, team, {"technical_support": 4, "lang:pl": 5}, {apb.EMAIL: 3})
+    desks.append(second_desk := Desk(platform, second))
+    assert first_desk.decide("RejectOffer", iid).status == S.QUEUED
+    assert second_desk.next_offer().interaction_id == iid
+    assert second_desk.decide("AcceptOffer", iid).status == S.CONNECTED
+
+
+def test_expanding_targets_reach_a_wider_ring_after_the_wait(platform: Platform, team: str, desks: list[Desk]) -> None:
+    generalist = hire(platform, team, {"lang:it": 3, "billing": 2}, {apb.SMS: 2})
+    desks.append(desk := Desk(platform, generalist))
+    started = time.monotonic()
+    iid = create(platform, "customer_service", "it", apb.SMS)
+    offer = desk.next_offer(timeout_s=15)
+    waited = time.monotonic() - started
+    assert offer.interaction_id == iid
+    assert waited >= 2.5  # ring 1 (customer_service >= 4) never matched; ring 2 (lang:it) from 3 s
+    [offered] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionOffered"]
+    assert offered.expansion_step == 1
+
+
+def test_abandonment_counts_in_queue_statistics(platform: Platform) -> None:
+    iid = create(platform, "fraud", "pl", apb.VOICE)
+    time.sleep(0.3)
+    assert platform.routing.Abandon(pb.InteractionRef(interaction_id=iid, reason="hung up")).status == S.ABANDONED
+    stats = platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="fraud.pl"))
+    assert (stats.offered, stats.abandoned, stats.abandonment_rate, stats.waiting) == (1, 1, 1.0, 0)
+    with pytest.raises(grpc.RpcError) as refused:
+        platform.routing.Abandon(pb.InteractionRef(interaction_id=iid))
+    error = refused.value
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,215 @@
+"""Routing rules, pure: ordering, aging, bullseye targets, strategies, pacing, KPIs, the Interaction."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from centralino.v1.agents_pb2 import CHAT, VOICE
+from centralino.v1.routing_pb2 import INBOUND, OUTBOUND
+from centralino.v1.routing_pb2 import InteractionStatus as S
+
+from services.kernel.errors import InvalidField, PreconditionFailed
+from services.routing.domain import interaction as domain
+from services.routing.domain.interaction import CreateInteraction, Interaction
+from services.routing.domain.matching import Candidate, plan
+from services.routing.domain.queues import QueueConfig, default_queues, inbound_queue, queue_for
+from services.routing.domain.stats import queue_kpis
+
+T0 = 1_800_000_000.0
+QUEUES = default_queues()
+CS_IT = QUEUES["customer_service.it"]
+
+
+def waiting(
+    iid: str, queue: QueueConfig = CS_IT, priority: int = 0, at: float = T0, channel: int = CHAT
+) -> Interaction:
+    return Interaction(
+        interaction_id=iid,
+        version=1,
+        status=S.QUEUED,
+        channel=channel,
+        priority=priority,
+        queue_id=queue.queue_id,
+        enqueued_at=at,
+        queued_since=at,
+    )
+
+
+def agent(
+    agent_id: str, idle_since: float = T0, channels: frozenset[int] = frozenset({CHAT, VOICE}), **skills: int
+) -> Candidate:
+    defaults = {"customer_service": 4, "lang:it": 5}
+    return Candidate(
+        agent_id, {**defaults, **{k.replace("_it", ":it"): v for k, v in skills.items()}}, channels, idle_since
+    )
+
+
+def one_each(candidate: Candidate, channel: int) -> Candidate | None:
+    return None  # each agent takes one interaction in these scenarios
+
+
+def matches(
+    waiting_list: list[Interaction], candidates: list[Candidate], now: float = T0 + 1, queues=QUEUES, **kw
+) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
+    found = plan(waiting_list, queues, {c.agent_id: c for c in candidates}, now, kw.pop("after", one_each), **kw)
+    return [(m.interaction_id, m.agent_id) for m in found]
+
+
+def test_higher_priority_first_then_longest_waiting() -> None:
+    items = [waiting("late", at=T0 + 5), waiting("early", at=T0), waiting("vip", priority=5, at=T0 + 9)]
+    assert matches(items, [agent("a", T0 - 3), agent("b", T0 - 2), agent("c", T0 - 1)], now=T0 + 10) == [
+        ("vip", "a"),
+        ("early", "b"),
+        ("late", "c"),
+    ]
+
+
+def test_aging_lets_a_long_wait_overtake_higher_priority() -> None:
+    old = waiting("old", at=T0)  # waited 6 minutes: 0 + 6 x 1.0
+    urgent = waiting("urgent", priority=5, at=T0 + 355)  # waited 5 s: 5 + ~0.08
+    assert matches([urgent, old], [agent("a")], now=T0 + 360) == [("old", "a")]
+
+
+def test_bullseye_widens_with_the_wait() -> None:
+    generalist = agent("gen", customer_service=0, lang_it=2)  # no department skill, some Italian
+    junior = agent("jun", customer_service=2, lang_it=5)
+    item = waiting("x", at=T0)
+    assert matches([item], [generalist, junior], now=T0 + 10) == []  # ring 0: customer_service >= 3
+    assert matches([item], [generalist], now=T0 + 40) == []  # ring 1 still needs customer_service
+    assert matches([item], [junior], now=T0 + 40) == [("x", "jun")]  # ring 1: proficiency >= 1
+    assert matches([item], [generalist], now=T0 + 95) == [("x", "gen")]  # ring 2: Italian only
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [("longest_idle", "idle"), ("most_skilled", "skilled"), ("least_occupied", "calm"), ("round_robin", "next")],
+)
+def test_strategies(strategy: str, expected: str) -> None:
+    queue = replace(CS_IT, strategy=strategy)
+    people = [
+        replace(agent("idle", T0 - 600, customer_service=3), occupancy=0.9, last_offer_at=T0 - 5),
+        replace(agent("skilled", T0 - 10, customer_service=5), occupancy=0.8, last_offer_at=T0 - 4),
+        replace(agent("calm", T0 - 20, customer_service=3), occupancy=0.1, last_offer_at=T0 - 3),
+        replace(agent("next", T0 - 30, customer_service=3), occupancy=0.7, last_offer_at=T0 - 60),
+    ]
+    assert matches([waiting("x", queue)], people, queues={queue.queue_id: queue}) == [("x", expected)]
+
+
+def test_capacity_is_used_up_within_one_pass() -> None:
+    room = {"a": 2}  # two more chats fit
+
+    def after(candidate: Candidate, channel: int) -> Candidate | None:
+        room[candidate.agent_id] -= 1
+        return candidate if room[candidate.agent_id] else None
+
+    items = [waiting(f"c{n}", at=T0 + n) for n in range(5)]
+    assert matches(items, [agent("a")], now=T0 + 10, after=after) == [("c0", "a"), ("c1", "a")]
+
+
+def test_outbound_pacing_limits_work_in_progress() -> None:
+    queue = QUEUES["outbound.it"]
+    items = [waiting(f"o{n}", queue, at=T0 + n, channel=VOICE) for n in range(4)]
+    people = [Candidate(f"a{n}", {"outbound": 3, "lang:it": 5}, frozenset({VOICE}), T0) for n in range(4)]
+    found = matches(items, people, now=T0 + 10, in_progress={queue.queue_id: queue.pacing_limit - 2})
+    assert [i for i, _ in found] == ["o0", "o1"]
+
+
+def test_queue_lookup_names_the_wrong_field() -> None:
+    assert queue_for(QUEUES.values(), "sales", "pl", INBOUND).queue_id == "sales.pl"
+    assert queue_for(QUEUES.values(), "win_back", "it", OUTBOUND).queue_id == "outbound.it"
+    with pytest.raises(InvalidField) as error:
+        queue_for(QUEUES.values(), "sales", "fr", INBOUND)
+    assert error.value.field == "language"
+    with pytest.raises(InvalidField) as error:
+        queue_for(QUEUES.values(), "astrology", "it", INBOUND)
+    assert error.value.field == "department"
+
+
+# ---- the Interaction aggregate ----
+
+CREATE = CreateInteraction("i1", CHAT, INBOUND, "+39 02 1234567", "it", "customer_service")
+OFFER_UNTIL = datetime.fromtimestamp(T0 + 20, UTC)
+
+
+def run(*steps) -> Interaction:  # type: ignore[no-untyped-def]
+    interaction = Interaction(interaction_id="i1")
+    for n, step in enumerate(steps):
+        for event in step(interaction):
+            interaction = domain.apply(interaction, event, T0 + n)
+    return interaction
+
+
+def created(i: Interaction) -> list:  # type: ignore[type-arg]
+    return domain.create(CREATE, i, inbound_queue("customer_service", "it"))
+
+
+def test_one_offer_at_a_time_and_only_to_its_agent() -> None:
+    offered = run(created, lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0))
+    assert (offered.status, offered.agent_id) == (S.OFFERED, "anna")
+    with pytest.raises(PreconditionFailed) as twice:
+        domain.offer(offered, "marek", OFFER_UNTIL, 0)
+    assert twice.value.details == {"current-state": "OFFERED"}
+    with pytest.raises(PreconditionFailed, match="with anna, not marek"):
+        domain.accept(offered, "marek")
+
+
+def test_an_ended_offer_keeps_the_original_enqueue_time() -> None:
+    back = run(
+        created, lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0), lambda i: domain.end_offer(i, "anna", "timed_out")
+    )
+    assert (back.status, back.enqueued_at, back.queued_since, back.requeues) == (S.QUEUED, T0, T0 + 2, 1)
+
+
+def test_full_life_and_illegal_steps() -> None:
+    done = run(
+        created,
+        lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0),
+        lambda i: domain.accept(i, "anna"),
+        lambda i: domain.end(i, "anna"),
+        lambda i: domain.complete(i, "anna", "billing", "resolved"),
+    )
+    assert (done.status, done.answered_at, done.closed_at) == (S.COMPLETED, T0 + 2, T0 + 4)
+    for step in (lambda i: domain.abandon(i, "x"), lambda i: domain.cancel(i, "x"), lambda i: domain.accept(i, "anna")):
+        with pytest.raises(PreconditionFailed):
+            step(done)
+    with pytest.raises(InvalidField) as missing:
+        domain.complete(done, "anna", "", "")
+    assert missing.value.field == "wrap_up_code"
+
+
+def test_creating_twice_with_the_same_id_is_a_no_op() -> None:
+    assert created(run(created)) == []
+
+
+# ---- KPIs ----
+
+
+def closed(iid: str, wait: float, answered: bool) -> Interaction:
+    base = waiting(iid)
+    if answered:
+        return replace(base, status=S.COMPLETED, answered_at=T0 + wait, closed_at=T0 + wait + 60)
+    return replace(base, status=S.ABANDONED, closed_at=T0 + wait)
+
+
+HISTORY = [
+    closed("fast", 10, True),
+    closed("slow", 40, True),
+    closed("gave-up", 30, False),
+    closed("short", 2, False),  # under the 5 s short-abandon threshold
+    waiting("now", at=T0 + 100),
+]
+
+
+@pytest.mark.parametrize(
+    ("variant", "service_level"),
+    [("answered", 1 / 2), ("answered_and_abandoned", 1 / 3), ("left_queue", 2 / 4)],
+)
+def test_service_level_variants(variant: str, service_level: float) -> None:
+    kpis = queue_kpis(HISTORY, CS_IT, T0 + 130, variant)
+    assert kpis.service_level == pytest.approx(service_level)
+    assert (kpis.offered, kpis.answered, kpis.abandoned, kpis.waiting) == (5, 2, 1, 1)
+    assert kpis.average_speed_of_answer_s == 25
+    assert kpis.abandonment_rate == pytest.approx(1 / 4)  # the short abandon leaves both sides
+    assert kpis.longest_wait_s == 30
