@@ -33,6 +33,7 @@ from google.protobuf.message import Message
 
 from services.agents.domain.agent import Agent, WorkItem, apply, state_of
 from services.agents.domain.state_machine import available_channels
+from services.kernel.envelope import epoch_seconds
 
 View = dict[str, Any]
 CONTACT_STATES = (AgentState.RESERVED, AgentState.BUSY, AgentState.AFTER_CALL_WORK)
@@ -195,10 +196,15 @@ def _profile(view: View, event: Message) -> None:
         previous = view["shifts"].get(event.shift_id, {})
         view["shifts"][event.shift_id] = {
             "shift_manager_id": event.shift_manager_id,
-            "start": event.start.ToSeconds(),
-            "end": event.end.ToSeconds(),
+            "start": epoch_seconds(event.start),
+            "end": epoch_seconds(event.end),
             "activities": [
-                {"start": a.start.ToSeconds(), "end": a.end.ToSeconds(), "productive": a.productive, "reason": a.reason}
+                {
+                    "start": epoch_seconds(a.start),
+                    "end": epoch_seconds(a.end),
+                    "productive": a.productive,
+                    "reason": a.reason,
+                }
                 for a in event.activities
             ],
             "in_adherence_s": previous.get("in_adherence_s", 0.0),

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 # An upcaster turns the payload bytes of version N into those of version N+1.
 Upcaster = Callable[[bytes], bytes]
@@ -69,6 +70,11 @@ class Metadata:
     correlation_id: str
     causation_id: str
     producer: str
+
+
+def epoch_seconds(timestamp: Timestamp) -> float:
+    """A protobuf Timestamp as float epoch seconds (Timestamp.ToSeconds() drops the fraction)."""
+    return timestamp.seconds + timestamp.nanos / 1e9
 
 
 def new_id() -> str:

@@ -34,6 +34,7 @@ class AgentFeed:
         self.tz = tz
         self._on_change = on_change
         self._views: dict[str, state_view.View] = {}
+        self._leaders: dict[str, str] = {}  # team -> team leader, for escalations
         self._lock = threading.Lock()
         self._caught_up = threading.Event()
         self._stopping = threading.Event()
@@ -54,7 +55,13 @@ class AgentFeed:
         with self._lock:
             return dict(self._views)
 
+    def team_leader(self, team_id: str) -> str:
+        return self._leaders.get(team_id, "")
+
     def apply(self, envelope: EventEnvelope) -> None:
+        if envelope.event_type == "agents.TeamLeaderAssigned":
+            event = AGENT_EVENTS.decode(envelope)
+            self._leaders[event.team_id] = event.team_leader_id  # type: ignore[attr-defined]
         if envelope.aggregate_type != AGENT:
             return
         view = self._views.get(envelope.aggregate_id) or state_view.new_view(envelope.aggregate_id)

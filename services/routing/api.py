@@ -104,6 +104,22 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
             )
             return to_response(interaction)
 
+    def Transfer(self, request: pb.TransferRequest, context: grpc.ServicerContext) -> pb.InteractionResponse:
+        with domain_errors_as_status(context):
+            meta = metadata_for(request.correlation_id)
+            interaction = self._router.transfer(
+                request.agent_id, request.interaction_id, request.to_queue_id, request.to_agent_id, request.warm, meta
+            )
+            return to_response(interaction)
+
+    def Escalate(self, request: pb.EscalateRequest, context: grpc.ServicerContext) -> pb.InteractionResponse:
+        with domain_errors_as_status(context):
+            meta = metadata_for(request.correlation_id)
+            interaction = self._router.escalate(
+                request.agent_id, request.interaction_id, request.to_team_leader, request.reason, meta
+            )
+            return to_response(interaction)
+
     def GetQueueStats(self, request: pb.GetQueueStatsRequest, context: grpc.ServicerContext) -> pb.QueueStats:
         with domain_errors_as_status(context):
             return self._stats(request.queue_id)

@@ -16,6 +16,7 @@ REGISTRY = EventRegistry(
         EventType("routing.OfferEnded", pb.OfferEnded),
         EventType("routing.InteractionEnded", pb.InteractionEnded),
         EventType("routing.InteractionCompleted", pb.InteractionCompleted),
+        EventType("routing.InteractionTransferred", pb.InteractionTransferred),
         EventType("routing.InteractionAbandoned", pb.InteractionAbandoned),
         EventType("routing.InteractionCancelled", pb.InteractionCancelled),
     ]

@@ -30,7 +30,7 @@ from services.agents import state_view
 from services.agents.domain.agent import Agent, WorkItem
 from services.agents.domain.state_machine import available_channels
 from services.kernel.envelope import Metadata, new_id
-from services.kernel.errors import ConcurrencyConflict, NotFound
+from services.kernel.errors import ConcurrencyConflict, InvalidField, NotFound, PreconditionFailed
 from services.kernel.eventstore import StoredEvent
 from services.kernel.repository import Repository
 from services.kernel.telemetry import current_trace_headers
@@ -197,12 +197,64 @@ class Router:
             after = self._save(before, decide(before), meta)
             if before.status == S.OFFERED:  # release the reserved agent, no fault of theirs
                 self._release(before.agent_id, iid, Transition.REJECT_OFFER)
+            if before.warm_from:  # the consulting agent's customer has gone
+                self._move_agent(before.warm_from, iid, Transition.END)
             return after
 
     # ---- agent side ----
 
     def accept(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
-        return self._agent_step(agent_id, iid, domain.accept, Transition.CONNECT, meta)
+        with self._lock:
+            warm_from = self._get(iid).warm_from
+            accepted = self._agent_step(agent_id, iid, domain.accept, Transition.CONNECT, meta)
+            if warm_from:  # the consulting agent hands over now and wraps up
+                self._move_agent(warm_from, iid, Transition.END)
+            return accepted
+
+    def transfer(
+        self, agent_id: str, iid: str, to_queue: str, to_agent: str, warm: bool, meta: Metadata
+    ) -> Interaction:
+        if bool(to_queue) == bool(to_agent):
+            raise InvalidField("to_queue_id", "give either a queue or an agent to transfer to")
+        with self._lock:
+            interaction = self._get(iid)
+            queue = self._queues.get(to_queue or interaction.queue_id)
+            if queue is None:
+                raise InvalidField("to_queue_id", f"no queue {to_queue!r}")
+            if to_agent and to_agent not in self._feed.views():
+                raise InvalidField("to_agent_id", f"no agent {to_agent!r}")
+            return self._hand_over(agent_id, interaction, queue, to_agent, warm, meta)
+
+    def escalate(self, agent_id: str, iid: str, to_team_leader: bool, reason: str, meta: Metadata) -> Interaction:
+        with self._lock:
+            interaction = self._get(iid)
+            if to_team_leader:
+                team = self._feed.views().get(agent_id, {}).get("team_id", "")
+                leader = self._feed.team_leader(team)
+                if not leader:
+                    raise PreconditionFailed(f"team {team or '?'} of agent {agent_id} has no team leader")
+                queue = self._queues[interaction.queue_id]
+                return self._hand_over(agent_id, interaction, queue, leader, False, meta, escalated=True, reason=reason)
+            queue = queue_for(self._queues.values(), "escalation", interaction.language, pb.INBOUND)
+            return self._hand_over(agent_id, interaction, queue, "", False, meta, escalated=True, reason=reason)
+
+    def _hand_over(
+        self,
+        agent_id: str,
+        interaction: Interaction,
+        queue: QueueConfig,
+        to_agent: str,
+        warm: bool,
+        meta: Metadata,
+        escalated: bool = False,
+        reason: str = "",
+    ) -> Interaction:
+        events = domain.transfer(interaction, agent_id, queue, to_agent, warm, escalated, reason)
+        moved = self._save(interaction, events, meta)
+        if not warm:  # cold: the agent wraps up now; warm: they stay on until the next one accepts
+            self._move_agent(agent_id, interaction.interaction_id, Transition.END)
+        self._wake.set()
+        return moved
 
     def reject(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
         result = self._agent_step(
@@ -215,6 +267,13 @@ class Router:
         return self._agent_step(agent_id, iid, domain.end, Transition.END, meta)
 
     def complete(self, agent_id: str, iid: str, code: str, disposition: str, meta: Metadata) -> Interaction:
+        with self._lock:
+            interaction = self._get(iid)
+            if interaction.agent_id != agent_id and interaction.status not in (S.WRAP_UP, S.COMPLETED):
+                # The agent transferred it away and now finishes their own after-call work.
+                domain.complete(replace(interaction, status=S.WRAP_UP, agent_id=agent_id), agent_id, code, disposition)
+                self._agents.change(agent_id, Transition.COMPLETE_WRAP_UP, iid, wrap_up_code=code)
+                return interaction
         decide = lambda i, a: domain.complete(i, a, code, disposition)  # noqa: E731
         result = self._agent_step(agent_id, iid, decide, Transition.COMPLETE_WRAP_UP, meta, code)
         self._wake.set()
@@ -281,15 +340,18 @@ class Router:
 
     def _drive(self, agent_id: str, phase: str, interaction: Interaction) -> int:
         iid = interaction.interaction_id
+        if interaction.warm_from == agent_id:
+            return 0  # consulting during a warm transfer: connected on purpose
         target = domain.AGENT_PHASE.get(interaction.status) if interaction.agent_id == agent_id else None
         if interaction.status == S.COMPLETED and interaction.agent_id == agent_id:
             target = "done"
         order = ["reserved", "connected", "wrap_up", "done"]
         current = "connected" if phase == "held" else phase
-        if target is None:  # not this agent's any more (withdrawn, re-offered, ...)
+        if target is None:  # not this agent's any more (withdrawn, transferred, re-offered, ...)
             if current == "reserved":
                 return int(self._move_agent(agent_id, iid, Transition.REJECT_OFFER))
-            target = "done"
+            # A crash between a cold transfer and the agent's END: end it. Wrap-up stays the agent's own.
+            return int(current == "connected" and self._move_agent(agent_id, iid, Transition.END))
         steps = {"connected": Transition.CONNECT, "wrap_up": Transition.END, "done": Transition.COMPLETE_WRAP_UP}
         moved = 0
         for next_phase in order[order.index(current) + 1 : order.index(target) + 1]:

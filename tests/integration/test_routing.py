@@ -208,3 +208,86 @@ def test_abandonment_counts_in_queue_statistics(platform: Platform) -> None:
         platform.routing.Abandon(pb.InteractionRef(interaction_id=iid))
     error = refused.value
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def connected_to(platform: Platform, desk: Desk, department: str, language: str, channel: int) -> str:
+    iid = create(platform, department, language, channel)
+    assert desk.next_offer(len(desk.offers)).interaction_id == iid
+    assert desk.decide("AcceptOffer", iid).status == S.CONNECTED
+    return iid
+
+
+def last_transition(agent_id: str) -> int:
+    return [e.transition for t, e in history(agent_id, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
+
+
+def test_cold_transfer_to_a_queue_and_warm_transfer_to_a_named_agent(
+    platform: Platform, team: str, desks: list[Desk]
+) -> None:
+    seller = hire(platform, team, {"sales": 5, "lang:en": 5}, {apb.VOICE: 1})
+    support = hire(platform, team, {"technical_support": 5, "lang:en": 5}, {apb.VOICE: 1})
+    desks.extend([seller_desk := Desk(platform, seller), support_desk := Desk(platform, support)])
+    iid = connected_to(platform, seller_desk, "sales", "en", apb.VOICE)
+
+    cold = pb.TransferRequest(agent_id=seller, interaction_id=iid, to_queue_id="technical_support.en")
+    assert platform.routing.Transfer(cold).status == S.QUEUED
+    assert last_transition(seller) == T.END  # cold: the seller wraps up at once
+    assert support_desk.next_offer(len(support_desk.offers)).interaction_id == iid
+    assert support_desk.decide("AcceptOffer", iid).status == S.CONNECTED
+
+    seller_back = pb.OfferDecision(agent_id=seller, interaction_id=iid)
+    with pytest.raises(grpc.RpcError) as not_yours:
+        platform.routing.EndInteraction(seller_back)
+    assert not_yours.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    # The seller finishes their own wrap-up of the call they passed on.
+    wrap_up = pb.CompleteInteractionRequest(agent_id=seller, interaction_id=iid, wrap_up_code="passed-on")
+    assert platform.routing.CompleteInteraction(wrap_up).status == S.CONNECTED  # still with support
+    assert last_transition(seller) == T.COMPLETE_WRAP_UP
+    warm = pb.TransferRequest(agent_id=support, interaction_id=iid, to_agent_id=seller, warm=True)
+    assert platform.routing.Transfer(warm).status == S.QUEUED
+    assert last_transition(support) == T.CONNECT  # warm: still on the call while consulting
+    assert seller_desk.next_offer(len(seller_desk.offers)).interaction_id == iid
+    assert seller_desk.decide("AcceptOffer", iid).status == S.CONNECTED
+    assert last_transition(support) == T.END  # handed over: now the support agent wraps up
+
+
+def test_escalation_goes_to_the_team_leader_or_the_escalation_queue(platform: Platform, desks: list[Desk]) -> None:
+    platform.agents.CreateTeam(apb.CreateTeamRequest(team_id="esc-team", name="Escalations"))
+    agent = hire(platform, "esc-team", {"customer_service": 5, "lang:pl": 5}, {apb.CHAT: 1})
+    # The leader is not ready yet, so the customer first reaches the agent.
+    leader = hire(platform, "esc-team", {"escalation": 5, "lang:pl": 5}, {apb.CHAT: 3}, ready=False)
+    platform.agents.AssignTeamLeader(
+        apb.AssignTeamLeaderRequest(team_id="esc-team", team_leader_id=leader, override_span_of_control=True)
+    )
+    desks.extend([agent_desk := Desk(platform, agent), leader_desk := Desk(platform, leader)])
+    iid = connected_to(platform, agent_desk, "customer_service", "pl", apb.CHAT)
+    platform.agents.ChangeState(apb.ChangeStateRequest(agent_id=leader, transition=T.GO_READY))
+    seen = len(leader_desk.offers)
+
+    def router_sees_the_ready_leader() -> bool:  # the router's picture comes through Kafka
+        return platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="escalation.pl")).agents_ready == 1
+
+    eventually(router_sees_the_ready_leader)
+    escalate = pb.EscalateRequest(agent_id=agent, interaction_id=iid, to_team_leader=True, reason="angry")
+
+    def escalated() -> bool:  # the leader assignment reaches the router through Kafka too
+        try:
+            return platform.routing.Escalate(escalate).status == S.QUEUED
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "no team leader" in error.details()
+            return False
+
+    eventually(escalated)
+    assert leader_desk.next_offer(seen).interaction_id == iid
+    assert leader_desk.decide("AcceptOffer", iid).status == S.CONNECTED
+    [transferred] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
+    assert (transferred.target_agent_id, transferred.escalated, transferred.queue_id) == (
+        leader,
+        True,
+        "customer_service.pl",
+    )
+    to_queue = pb.EscalateRequest(agent_id=leader, interaction_id=iid, reason="second level")
+    assert platform.routing.Escalate(to_queue).status == S.QUEUED
+    [_, second] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
+    assert second.queue_id == "escalation.pl"

@@ -108,6 +108,14 @@ def test_capacity_is_used_up_within_one_pass() -> None:
     assert matches(items, [agent("a")], now=T0 + 10, after=after) == [("c0", "a"), ("c1", "a")]
 
 
+def test_an_agent_who_declined_is_not_offered_the_same_interaction_again_for_a_while() -> None:
+    item = replace(waiting("x"), declined=(("a", T0 + 5),))
+    people = [agent("a", T0 - 100), agent("b", T0 - 1)]
+    assert matches([item], people, now=T0 + 10) == [("x", "b")]  # a is the longest idle, but declined
+    assert matches([item], people[:1], now=T0 + 10) == []
+    assert matches([item], people, now=T0 + 40) == [("x", "a")]  # the 30 s cool-down is over
+
+
 def test_outbound_pacing_limits_work_in_progress() -> None:
     queue = QUEUES["outbound.it"]
     items = [waiting(f"o{n}", queue, at=T0 + n, channel=VOICE) for n in range(4)]

@@ -22,11 +22,13 @@ from centralino.v1.routing_pb2 import (
     InteractionEnded,
     InteractionOffered,
     InteractionStatus,
+    InteractionTransferred,
     OfferAccepted,
     OfferEnded,
 )
 from google.protobuf.message import Message
 
+from services.kernel.envelope import epoch_seconds
 from services.kernel.errors import InvalidField, NotFound, PreconditionFailed
 from services.routing.domain.queues import QueueConfig
 
@@ -34,6 +36,7 @@ S = InteractionStatus
 OPEN = frozenset({S.QUEUED, S.OFFERED, S.CONNECTED, S.WRAP_UP})
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 MAX_ATTRIBUTES = 32
+ESCALATION_BOOST = 2  # an escalated customer has waited once already
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,10 @@ class Interaction:
     closed_at: float | None = None
     expires_at: float | None = None  # of the current offer
     changed_at: float | None = None  # time of the last event
+    target_agent: str = ""  # after a transfer to a named agent
+    warm_from: str = ""  # the agent still on the interaction during a warm transfer
+    escalated: bool = False
+    declined: tuple[tuple[str, float], ...] = ()  # (agent, when) for offers rejected or missed
 
     @property
     def exists(self) -> bool:
@@ -175,6 +182,33 @@ def complete(interaction: Interaction, agent_id: str, wrap_up_code: str, disposi
     ]
 
 
+def transfer(
+    interaction: Interaction,
+    agent_id: str,
+    queue: QueueConfig,
+    target_agent: str,
+    warm: bool,
+    escalated: bool = False,
+    reason: str = "",
+) -> list[Message]:
+    action = "escalate" if escalated else "transfer"
+    check_status(interaction, action, S.CONNECTED)
+    check_agent(interaction, agent_id, action)
+    if target_agent == agent_id:
+        raise InvalidField("to_agent_id", "cannot transfer to the agent who has it")
+    return [
+        InteractionTransferred(
+            interaction_id=interaction.interaction_id,
+            agent_id=agent_id,
+            queue_id=queue.queue_id,
+            target_agent_id=target_agent,
+            warm=warm,
+            escalated=escalated,
+            reason=reason[:200],
+        )
+    ]
+
+
 def abandon(interaction: Interaction, reason: str) -> list[Message]:
     check_status(interaction, "abandon", S.QUEUED, S.OFFERED)
     return [InteractionAbandoned(interaction_id=interaction.interaction_id, reason=reason[:200])]
@@ -207,19 +241,45 @@ def apply(interaction: Interaction, event: Message, at: float) -> Interaction:
             queued_since=at,
         )
     if isinstance(event, InteractionOffered):
-        return replace(i, status=S.OFFERED, agent_id=event.agent_id, expires_at=event.expires_at.ToSeconds())
+        return replace(i, status=S.OFFERED, agent_id=event.agent_id, expires_at=epoch_seconds(event.expires_at))
     if isinstance(event, OfferEnded):
-        return replace(i, status=S.QUEUED, agent_id="", expires_at=None, queued_since=at, requeues=i.requeues + 1)
+        declined = (*i.declined, (event.agent_id, at)) if event.outcome in ("rejected", "timed_out") else i.declined
+        return replace(
+            i,
+            status=S.QUEUED,
+            agent_id="",
+            expires_at=None,
+            queued_since=at,
+            requeues=i.requeues + 1,
+            declined=declined,
+        )
     if isinstance(event, OfferAccepted):
-        return replace(i, status=S.CONNECTED, answered_at=i.answered_at or at, expires_at=None)
+        return replace(
+            i, status=S.CONNECTED, answered_at=i.answered_at or at, expires_at=None, target_agent="", warm_from=""
+        )
+    if isinstance(event, InteractionTransferred):
+        # A new visit to a queue: waiting (and the queue's SL and ASA) start again from here.
+        return replace(
+            i,
+            status=S.QUEUED,
+            queue_id=event.queue_id,
+            agent_id="",
+            target_agent=event.target_agent_id,
+            warm_from=event.agent_id if event.warm else "",
+            escalated=i.escalated or event.escalated,
+            priority=min(10, i.priority + (ESCALATION_BOOST if event.escalated else 0)),
+            enqueued_at=at,
+            queued_since=at,
+            answered_at=None,
+        )
     if isinstance(event, InteractionEnded):
         return replace(i, status=S.WRAP_UP)
     if isinstance(event, InteractionCompleted):
         return replace(i, status=S.COMPLETED, closed_at=at)
     if isinstance(event, InteractionAbandoned):
-        return replace(i, status=S.ABANDONED, agent_id="", closed_at=at, expires_at=None)
+        return replace(i, status=S.ABANDONED, agent_id="", closed_at=at, expires_at=None, warm_from="")
     if isinstance(event, InteractionCancelled):
-        return replace(i, status=S.CANCELLED, agent_id="", closed_at=at, expires_at=None)
+        return replace(i, status=S.CANCELLED, agent_id="", closed_at=at, expires_at=None, warm_from="")
     return i
 
 

@@ -86,7 +86,14 @@ def plan(
         if queue.pacing_limit and busy.get(queue.queue_id, 0) >= queue.pacing_limit:
             continue
         step, target = queue.target_at(now - (interaction.enqueued_at or now))
-        qualified = [c for c in pool.values() if qualifies(c, target, interaction.channel)]
+        if interaction.target_agent and now - (interaction.queued_since or now) < queue.target_agent_wait_s:
+            named = pool.get(interaction.target_agent)  # a transfer to a named agent: only they, for a while
+            qualified = [named] if named and interaction.channel in named.channels else []
+        else:
+            recent = {a for a, at in interaction.declined if now - at < queue.decline_cooldown_s}
+            qualified = [
+                c for c in pool.values() if c.agent_id not in recent and qualifies(c, target, interaction.channel)
+            ]
         chosen = choose(queue.strategy, qualified, target)
         if chosen is None:
             continue

@@ -52,6 +52,8 @@ class QueueConfig:
     aging_per_minute: float = 1.0  # effective priority grows by this per minute waited
     pacing_limit: int = 0  # outbound: at most this many offered or connected at once (0 = none)
     short_abandon_s: float = 5.0
+    target_agent_wait_s: float = 60.0  # a transfer to a named agent falls back to the queue after this
+    decline_cooldown_s: float = 30.0  # an agent who rejected or missed it is not offered it again for this long
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def target_at(self, waited_s: float) -> tuple[int, Target]:
