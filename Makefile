@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 TRACE_PNG ?= .stack/trace.png
 
 .PHONY: setup venv proto infra-install infra-up infra-down infra-status test test-unit run lint lock clean \
-	dashboard-up dashboard-down trace-screenshot chromium
+	dashboard-up dashboard-down trace-screenshot chromium bench
 
 setup: venv proto infra-install
 
@@ -85,8 +85,14 @@ chromium:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 
 lint: setup
-	$(VENV)/bin/ruff check services infra tests tools
-	$(VENV)/bin/mypy services infra tests tools
+	$(VENV)/bin/ruff check services infra tests tools bench
+	$(VENV)/bin/mypy services infra tests tools bench
+
+# Routing benchmark (not a test): its own Kafka + database, the agents and routing servers,
+# open-loop load at rising rates; figures in bench/results/ (latest.md and a JSON per run).
+# Knobs: BENCH_STEPS, BENCH_STEP_S, BENCH_AGENTS, ... (see bench/routing.py).
+bench: setup
+	$(PY) -m bench.routing
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock:

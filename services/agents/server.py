@@ -28,6 +28,7 @@ def main() -> None:
         settings.grpc_host,
         [lambda s: agents_pb2_grpc.add_AgentsServiceServicer_to_server(servicer, s)],
         [agents_pb2.DESCRIPTOR.services_by_name["AgentsService"].full_name],
+        max_workers=settings.grpc_max_workers,
     )
     wiring.relay.start()
     wiring.hub.start()

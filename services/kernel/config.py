@@ -31,6 +31,8 @@ class Settings:
     # ("answered", "answered_and_abandoned" or "left_queue"; see routing/domain/stats.py).
     routing_queues_file: str = ""
     service_level_variant: str = "answered_and_abandoned"
+    # Threads per gRPC server: one per open stream (agent desktops) plus headroom.
+    grpc_max_workers: int = 512
     # Observability.  Exporters are named by the standard OpenTelemetry variables,
     # with the specification's default ("otlp"); where each exporter sends to
     # (OTEL_EXPORTER_OTLP_*, OTEL_EXPORTER_ZIPKIN_*) is read by the exporter itself.
@@ -79,6 +81,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         timezone=env.get("CENTRALINO_TIMEZONE", defaults.timezone),
         routing_queues_file=env.get("CENTRALINO_ROUTING_QUEUES", defaults.routing_queues_file),
         service_level_variant=env.get("CENTRALINO_SERVICE_LEVEL_VARIANT", defaults.service_level_variant),
+        grpc_max_workers=int(env.get("CENTRALINO_GRPC_MAX_WORKERS", defaults.grpc_max_workers)),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
         metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,
         otlp_protocol=env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() or defaults.otlp_protocol,

@@ -45,10 +45,15 @@ def build_server(
     host: str,
     adders: Sequence[Callable[[grpc.Server], None]],
     service_names: Sequence[str],
-    max_workers: int = 16,
+    max_workers: int = 256,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    # Sync gRPC gives each call a thread for its whole life, and a server stream
+    # (StreamOffers, WatchTeam) lives as long as a desktop is open: size the pool
+    # for every open stream plus headroom, and refuse (RESOURCE_EXHAUSTED) rather
+    # than queue calls forever once it is full.
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
+        maximum_concurrent_rpcs=max_workers,
         interceptors=[ServerTelemetry(host, port)],
     )
     for add in adders:

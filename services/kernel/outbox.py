@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -24,16 +25,19 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
-from services.kernel.eventstore import EventStore, StoredEvent
+from services.kernel.eventstore import EventStore, PendingEvent
 from services.kernel.kafka import Headers, send_all
 from services.kernel.telemetry import context_from_headers, headers_for
 
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "centralino.outbox"
+RECOVER_EVERY_S = 60.0
 
 
-def to_record(stored: StoredEvent, trace_headers: Mapping[str, str] | None = None) -> tuple[str, bytes, bytes, Headers]:
+def to_record(
+    stored: PendingEvent, trace_headers: Mapping[str, str] | None = None
+) -> tuple[str, bytes, bytes, Headers]:
     """The Kafka record of a stored event; `trace_headers` (default: the request's) name its parent span."""
     envelope = EventEnvelope.FromString(stored.envelope)
     headers = cloudevents_headers(envelope)
@@ -42,7 +46,7 @@ def to_record(stored: StoredEvent, trace_headers: Mapping[str, str] | None = Non
     return stored.topic, envelope.aggregate_id.encode(), stored.envelope, headers
 
 
-def _span_attributes(stored: StoredEvent, envelope: EventEnvelope, client_id: str) -> dict[str, str]:
+def _span_attributes(stored: PendingEvent, envelope: EventEnvelope, client_id: str) -> dict[str, str]:
     # No message key: it is the aggregate id, and agent ids are people's names.
     attributes = {
         "messaging.system": "kafka",
@@ -61,7 +65,7 @@ def _span_attributes(stored: StoredEvent, envelope: EventEnvelope, client_id: st
 
 def publish(
     producer: KafkaProducer,
-    batch: Sequence[StoredEvent],
+    batch: Sequence[PendingEvent],
     timeout_s: float,
     tracer: trace.Tracer | None = None,
     instruments: metrics.PublishMetrics | None = None,
@@ -163,10 +167,14 @@ class OutboxRelay:
 
     def _run(self) -> None:
         backoff = self._interval_s
+        next_recovery = 0.0
         while not self._stopping.is_set():
             self._wake.wait(timeout=backoff)
             self._wake.clear()
             try:
+                if time.monotonic() >= next_recovery:  # entries a crash left uncommitted
+                    next_recovery = time.monotonic() + RECOVER_EVERY_S
+                    self._store.recover()
                 self.drain_once()
                 backoff = self._interval_s
             except Exception:  # broker or database outage: keep the events, retry later

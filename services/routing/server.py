@@ -28,6 +28,7 @@ def main() -> None:
         settings.grpc_host,
         [lambda s: routing_pb2_grpc.add_RoutingServiceServicer_to_server(wiring.servicer, s)],
         [routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name],
+        max_workers=settings.grpc_max_workers,
     )
     wiring.relay.start()
     wiring.feed.start()

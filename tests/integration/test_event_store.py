@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -82,3 +83,32 @@ def test_projecting_the_same_event_twice_changes_nothing(repository: Repository)
     assert project(EventEnvelope.FromString(envelope.SerializeToString())) is False
     assert AgentDocument.objects.get(agent_id="a1").to_mongo().to_dict() == first
     assert first["events_applied"] == 1 and first["version"] == 1
+
+
+def test_a_second_writer_is_caught_and_the_cache_reloads(repository: Repository, mongo: Settings) -> None:
+    other = Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
+    repository.save("a1", 0, [registered("a1")], META)
+    assert len(repository.history("a1")) == 1  # now cached in this process
+    other.save("a1", 1, [registered("a1", "from elsewhere")], META)
+    with pytest.raises(ConcurrencyConflict):
+        repository.save("a1", 1, [registered("a1", "stale")], META)
+    assert [e.name for e in repository.load("a1")] == ["Anna", "from elsewhere"]  # type: ignore[attr-defined]
+
+
+def test_outbox_entries_a_crash_left_uncommitted_are_settled(repository: Repository) -> None:
+    [kept] = repository.save("a1", 0, [registered("a1")], META)
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    eventstore.PendingEvent.objects(event_id=kept.event_id).update(set__committed=False, set__recorded_at=old)
+    ghost = eventstore.PendingEvent(  # its event never reached the store: the command was not accepted
+        event_id="ghost",
+        aggregate_id="a9",
+        sequence=1,
+        event_type="agents.AgentRegistered",
+        topic="t",
+        envelope=b"",
+        recorded_at=old,
+    )
+    ghost.save(force_insert=True)
+    assert eventstore.EventStore().unpublished(10) == []
+    assert eventstore.EventStore().recover() == 1
+    assert [p.event_id for p in eventstore.EventStore().unpublished(10)] == [kept.event_id]
