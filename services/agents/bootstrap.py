@@ -11,9 +11,9 @@ from services.agents.application import AgentsApplication
 from services.agents.events import AGENT, REGISTRY, TEAM
 from services.agents.queries import AgentQueries
 from services.agents.watch import TeamWatchHub
-from services.kernel import eventstore, kafka, mongo
+from services.kernel import eventstore, mongo
 from services.kernel.config import Settings
-from services.kernel.outbox import OutboxRelay
+from services.kernel.outbox import OutboxRelay, relay_for
 from services.kernel.repository import Repository
 
 
@@ -33,13 +33,8 @@ def bootstrap(settings: Settings) -> AgentsWiring:
     eventstore.ensure_indexes()
     adapters.ensure_indexes()
     topic = settings.topic("agents")
-
-    def producer():  # type: ignore[no-untyped-def]
-        kafka.ensure_topics(settings.kafka_bootstrap, [topic])
-        return kafka.make_producer(settings.kafka_bootstrap, client_id="centralino-agents")
-
     store = eventstore.EventStore()
-    relay = OutboxRelay(store, producer, interval_s=settings.relay_interval_s)
+    relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-agents", settings.relay_interval_s)
     agents = Repository(store, REGISTRY, topic, AGENT, on_saved=relay.wake)
     teams = Repository(store, REGISTRY, topic, TEAM, on_saved=relay.wake)
     hub = TeamWatchHub(settings.kafka_bootstrap, topic)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kernel import errors
 from services.kernel.grpc_telemetry import ServerTelemetry
+
+log = logging.getLogger(__name__)
 
 _STATUS_OF: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.InvalidField, grpc.StatusCode.INVALID_ARGUMENT),
@@ -68,3 +74,25 @@ def build_server(
     if bound == 0:
         raise RuntimeError(f"cannot listen on {host}:{port}: the port is taken")
     return server, health_servicer
+
+
+class Background(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(server: grpc.Server, name: str, address: str, background: Sequence[Background]) -> None:
+    """Start the background workers and the server; on SIGTERM/SIGINT stop the server
+    (5 s grace for calls in flight), then the workers in reverse order, so the outbox
+    relay, started first, stops last and publishes what the last calls accepted."""
+    for worker in background:
+        worker.start()
+    server.start()
+    log.info("%s listening on %s", name, address)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=5).wait()
+    for worker in reversed(background):
+        worker.stop()

@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
 from services.kernel.eventstore import EventStore, PendingEvent
-from services.kernel.kafka import Headers, send_all
+from services.kernel.kafka import Headers, ensure_topics, make_producer, send_all
 from services.kernel.telemetry import context_from_headers, headers_for
 
 log = logging.getLogger(__name__)
@@ -180,3 +180,13 @@ class OutboxRelay:
             except Exception:  # broker or database outage: keep the events, retry later
                 log.exception("outbox relay could not publish; retrying in %.1fs", backoff)
                 backoff = min(backoff * 2, 30.0)
+
+
+def relay_for(store: EventStore, bootstrap: str, topic: str, client_id: str, interval_s: float) -> OutboxRelay:
+    """The relay of one service: its producer (and topic) are made when Kafka first answers."""
+
+    def producer() -> KafkaProducer:
+        ensure_topics(bootstrap, [topic])
+        return make_producer(bootstrap, client_id=client_id)
+
+    return OutboxRelay(store, producer, interval_s=interval_s)

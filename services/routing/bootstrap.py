@@ -6,10 +6,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.kernel import eventstore, kafka, mongo
+from services.kernel import eventstore, mongo
 from services.kernel.config import Settings
 from services.kernel.grpc_telemetry import instrumented_channel
-from services.kernel.outbox import OutboxRelay
+from services.kernel.outbox import OutboxRelay, relay_for
 from services.kernel.repository import Repository
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentsPort
@@ -41,12 +41,8 @@ def bootstrap(settings: Settings) -> RoutingWiring:
     eventstore.ensure_indexes()
     topic = settings.topic("routing")
 
-    def producer():  # type: ignore[no-untyped-def]
-        kafka.ensure_topics(settings.kafka_bootstrap, [topic])
-        return kafka.make_producer(settings.kafka_bootstrap, client_id="centralino-routing")
-
     store = eventstore.EventStore()
-    relay = OutboxRelay(store, producer, interval_s=settings.relay_interval_s)
+    relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-routing", settings.relay_interval_s)
     interactions = Repository(store, REGISTRY, topic, INTERACTION, on_saved=relay.wake)
     agents = AgentsPort(instrumented_channel(settings.grpc_target("agents")))
     bus = OfferBus()

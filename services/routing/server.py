@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from centralino.v1 import routing_pb2, routing_pb2_grpc
 
 from services.kernel.config import load_settings
-from services.kernel.grpc_server import build_server
+from services.kernel.grpc_server import Background, build_server, run_until_signalled
 from services.kernel.telemetry import setup_tracing
 from services.routing.bootstrap import bootstrap
 
@@ -20,8 +18,7 @@ def main() -> None:
     settings = load_settings()
     setup_tracing("centralino-routing")
     wiring = bootstrap(settings)
-    open_interactions = wiring.router.recover()
-    log.info("recovered %d open interactions from the routing log", open_interactions)
+    log.info("recovered %d open interactions from the routing log", wiring.router.recover())
     port = settings.grpc_port("routing")
     server, _ = build_server(
         port,
@@ -30,19 +27,8 @@ def main() -> None:
         [routing_pb2.DESCRIPTOR.services_by_name["RoutingService"].full_name],
         max_workers=settings.grpc_max_workers,
     )
-    wiring.relay.start()
-    wiring.feed.start()
-    wiring.router.start()
-    server.start()
-    log.info("routing service listening on %s:%d", settings.grpc_host, port)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=5).wait()
-    wiring.router.stop()
-    wiring.feed.stop()
-    wiring.relay.stop()
+    background: list[Background] = [wiring.relay, wiring.feed, wiring.router]
+    run_until_signalled(server, "routing service", f"{settings.grpc_host}:{port}", background)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,27 @@ from services.kernel.runner import ServiceProcess
 WORKER_READY = "[^Worker]: Ready"
 
 
+def namespace(stack: dict[str, str], state: Path) -> tuple[Settings, dict[str, str]]:
+    """Settings of a fresh namespace (topics, consumer groups, database) and the
+    environment that hands them to service processes."""
+    settings = Settings(
+        kafka_bootstrap=stack["kafka_bootstrap"],
+        mongo_url=stack["mongo_url"],
+        namespace=f"t{uuid.uuid4().hex[:12]}",
+        state_dir=state,
+        relay_interval_s=0.2,
+    )
+    env = {
+        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "MONGO_URL": settings.mongo_url,
+        "CENTRALINO_NAMESPACE": settings.namespace,
+        "CENTRALINO_STATE_DIR": str(state),
+        "CENTRALINO_RELAY_INTERVAL_S": "0.2",
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path.cwd() / "gen")]),
+    }
+    return settings, env
+
+
 @dataclass
 class AgentsService:
     settings: Settings
@@ -62,23 +83,9 @@ class AgentsService:
 def agents(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentsService]:
     """One agents server and projection worker per test module, in a namespace of its own."""
     state = tmp_path_factory.mktemp("agents")
-    settings = Settings(
-        kafka_bootstrap=stack["kafka_bootstrap"],
-        mongo_url=stack["mongo_url"],
-        namespace=f"t{uuid.uuid4().hex[:12]}",
-        state_dir=state,
-        relay_interval_s=0.2,
-    )
+    settings, env = namespace(stack, state)
     port = free_port()
-    env = {
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "MONGO_URL": settings.mongo_url,
-        "CENTRALINO_NAMESPACE": settings.namespace,
-        "CENTRALINO_STATE_DIR": str(state),
-        "CENTRALINO_RELAY_INTERVAL_S": "0.2",
-        "AGENTS_GRPC_PORT": str(port),
-        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path.cwd() / "gen")]),
-    }
+    env["AGENTS_GRPC_PORT"] = str(port)
     server = ServiceProcess("services.agents.server", env, state / "server.log").start()
     worker = ServiceProcess("services.agents.worker", env, state / "worker.log").start()
     client = kernel_mongo.connect(settings)
@@ -120,25 +127,11 @@ class Platform:
 @pytest.fixture(scope="module")
 def platform(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     state = tmp_path_factory.mktemp("platform")
-    settings = Settings(
-        kafka_bootstrap=stack["kafka_bootstrap"],
-        mongo_url=stack["mongo_url"],
-        namespace=f"t{uuid.uuid4().hex[:12]}",
-        state_dir=state,
-        relay_interval_s=0.2,
-    )
+    settings, env = namespace(stack, state)
     agents_port, routing_port = free_port(), free_port()
-    env = {
-        "KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "MONGO_URL": settings.mongo_url,
-        "CENTRALINO_NAMESPACE": settings.namespace,
-        "CENTRALINO_STATE_DIR": str(state),
-        "CENTRALINO_RELAY_INTERVAL_S": "0.2",
-        "AGENTS_GRPC_PORT": str(agents_port),
-        "ROUTING_GRPC_PORT": str(routing_port),
-        "PYTHONPATH": os.pathsep.join([str(Path.cwd()), str(Path.cwd() / "gen")]),
-        "CENTRALINO_ROUTING_QUEUES": str(Path(__file__).parent / "routing_queues.json"),
-    }
+    env["AGENTS_GRPC_PORT"] = str(agents_port)
+    env["ROUTING_GRPC_PORT"] = str(routing_port)
+    env["CENTRALINO_ROUTING_QUEUES"] = str(Path(__file__).parent / "routing_queues.json")
     agents_server = ServiceProcess("services.agents.server", env, state / "agents.log").start()
     routing_server = ServiceProcess("services.routing.server", env, state / "routing.log").start()
     client = kernel_mongo.connect(settings)
