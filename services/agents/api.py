@@ -136,7 +136,8 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
     def ChangeState(self, request: pb.ChangeStateRequest, context: grpc.ServicerContext) -> pb.ChangeStateResponse:
         with domain_errors_as_status(context):
             command = to_change_command(request, self._clock())
-            [envelope] = self._app.change_state(command, metadata_for(request.correlation_id))
+            stamp_now = not request.HasField("at")
+            [envelope] = self._app.change_state(command, metadata_for(request.correlation_id), stamp_now)
             event = pb.AgentStateChanged.FromString(envelope.payload)
             return pb.ChangeStateResponse(
                 agent_id=request.agent_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id

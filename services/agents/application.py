@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
@@ -16,6 +17,7 @@ from services.kernel.repository import Repository
 
 Clock = Callable[[], datetime]
 TEAM_WRITE_ATTEMPTS = 5  # membership changes race only with other changes of the same team
+AGENT_WRITE_ATTEMPTS = 5
 
 
 class AgentsApplication:
@@ -40,10 +42,21 @@ class AgentsApplication:
         self._change_team(command.team_id, lambda team: domain.join_team(team, command.agent_id, override_span), meta)
         return envelopes
 
-    def change_state(self, command: domain.ChangeState, meta: Metadata) -> list[EventEnvelope]:
-        agent = self._agent(command.agent_id)
-        events = domain.change_state(command, agent, self._clock())
-        return self._agents.save(command.agent_id, agent.version, events, meta, occurred_at=command.at)
+    def change_state(self, command: domain.ChangeState, meta: Metadata, stamp_now: bool = False) -> list[EventEnvelope]:
+        """Routing and the agent's own desktop change the same agent at once (a chat ends
+        while another is offered): a lost race is decided again on the fresh state.
+        `stamp_now`: the change happens when it is decided (no time given by the caller)."""
+        for attempt in range(AGENT_WRITE_ATTEMPTS):
+            if stamp_now:
+                command = replace(command, at=self._clock())
+            agent = self._agent(command.agent_id)
+            events = domain.change_state(command, agent, self._clock())
+            try:
+                return self._agents.save(command.agent_id, agent.version, events, meta, occurred_at=command.at)
+            except ConcurrencyConflict:
+                if attempt == AGENT_WRITE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def schedule_shift(self, command: domain.ScheduleShift, meta: Metadata) -> list[EventEnvelope]:
         agent = self._agent(command.agent_id)

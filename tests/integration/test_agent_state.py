@@ -318,3 +318,30 @@ def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service:
     service.restart_worker()
     eventually(lambda: snapshot() == before, timeout_s=90)
     assert [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")] == teams_before
+
+
+def test_concurrent_changes_to_one_agent_all_land_within_capacity(service: AgentsService) -> None:
+    service.register(
+        "busy-bee",
+        team_id="t-milano",
+        override_span_of_control=True,
+        channels=[pb.ChannelCapacity(channel=pb.CHAT, max_concurrent=3)],
+    )
+    service.change("busy-bee", T.LOG_IN)
+    service.change("busy-bee", T.GO_READY)
+    outcomes: list[str] = []
+
+    def reserve(n: int) -> None:
+        try:
+            service.change("busy-bee", T.RESERVE, interaction_id=f"chat-{n}", channel=pb.CHAT)
+            outcomes.append("ok")
+        except grpc.RpcError as error:
+            outcomes.append(error.code().name)
+
+    threads = [threading.Thread(target=reserve, args=(n,)) for n in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Lost races are decided again on fresh state (no ABORTED), and capacity holds.
+    assert sorted(outcomes) == ["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ok", "ok", "ok"]
