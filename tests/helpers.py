@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
+
+from services.kernel.envelope import EventRegistry
+from services.kernel.eventstore import EventStore
 
 T = TypeVar("T")
 
@@ -43,3 +46,8 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
     finally:
         consumer.close()
     return records
+
+
+def event_log(aggregate_id: str, registry: EventRegistry) -> list[tuple[str, Any]]:
+    """(event type, decoded payload) of every stored event of an aggregate, oldest first."""
+    return [(e.event_type, registry.decode(e)) for e in EventStore().load(aggregate_id)]

@@ -67,11 +67,10 @@ def ensure_indexes() -> None:
     TeamDocument.ensure_indexes()
 
 
-def _apply_once(document: type[me.Document], key: str, sequence: int, fields: dict[str, Any]) -> bool:
-    """Write `fields` only if the document has not yet seen `sequence`; True if written."""
-    update: dict[str, Any] = {f"set__{name}": value for name, value in fields.items()}
-    if document is AgentDocument:
-        update["inc__events_applied"] = 1
+def _apply_once(document: type[me.Document], key: str, sequence: int, fields: dict[str, Any], **more: Any) -> bool:
+    """Write `fields` (and any `more` update operators) only if the document has not yet
+    seen `sequence`; True if written."""
+    update: dict[str, Any] = {f"set__{name}": value for name, value in fields.items()} | more
     try:
         result = document.objects(pk=key, version__lt=sequence).update_one(upsert=True, **update)
     except me.NotUniqueError:
@@ -85,7 +84,7 @@ def save_agent_view(view: View, event_id: str, trace_id: str, registered_at: dat
     fields.update(last_event_id=event_id, trace_id=trace_id, projected_at=datetime.now(UTC))
     if registered_at:
         fields["registered_at"] = registered_at
-    return _apply_once(AgentDocument, view["agent_id"], view["version"], fields)
+    return _apply_once(AgentDocument, view["agent_id"], view["version"], fields, inc__events_applied=1)
 
 
 def save_team_view(team_id: str, sequence: int, event_id: str, **fields: Any) -> bool:

@@ -93,21 +93,22 @@ def day_of(at: float, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(at, tz).date().isoformat()
 
 
+def _new_day() -> dict[str, Any]:
+    return {
+        "handled": 0,
+        "talk_s": 0.0,
+        "hold_s": 0.0,
+        "after_call_work_s": 0.0,
+        "ready_s": 0.0,
+        "reserved_s": 0.0,
+        "busy_s": 0.0,
+        "after_call_work_wall_s": 0.0,
+        "not_ready_s": {},
+    }
+
+
 def _day(view: View, day: str) -> dict[str, Any]:
-    return view["days"].setdefault(
-        day,
-        {
-            "handled": 0,
-            "talk_s": 0.0,
-            "hold_s": 0.0,
-            "after_call_work_s": 0.0,
-            "ready_s": 0.0,
-            "reserved_s": 0.0,
-            "busy_s": 0.0,
-            "after_call_work_wall_s": 0.0,
-            "not_ready_s": {},
-        },
-    )
+    return view["days"].setdefault(day, _new_day())
 
 
 def _add(view: View, start: float, end: float, counter: str, tz: ZoneInfo, reason: int | None = None) -> None:
@@ -257,7 +258,7 @@ def up_to(view: View, now: float, tz: ZoneInfo) -> View:
 
 
 def day_counters(view: View, day: str) -> dict[str, Any]:
-    counters = copy.deepcopy(view["days"].get(day) or _day(copy.deepcopy(view), day))
+    counters = copy.deepcopy(view["days"].get(day)) or _new_day()
     contact = counters["reserved_s"] + counters["busy_s"] + counters["after_call_work_wall_s"]
     idle = counters["ready_s"]
     handle = counters["talk_s"] + counters["hold_s"] + counters["after_call_work_s"]

@@ -16,9 +16,8 @@ from collections import defaultdict
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import EventEnvelope
 from kafka import KafkaConsumer
-from kafka.structs import TopicPartition
 
-from services.kernel.kafka import ensure_topics
+from services.kernel.kafka import whole_topic_consumer
 
 log = logging.getLogger(__name__)
 STATE_CHANGED = "agents.AgentStateChanged"
@@ -81,13 +80,8 @@ class TeamWatchHub:
                 self.unsubscribe(change.team_id, subscription)
 
     def _consumer(self) -> KafkaConsumer:
-        ensure_topics(self._bootstrap, [self._topic])
-        consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
-        partitions = [TopicPartition(self._topic, p) for p in sorted(consumer.partitions_for_topic(self._topic))]
-        consumer.assign(partitions)
-        # Pin the current end explicitly: a lazy seek_to_end would resolve at the first
-        # poll, after changes a subscriber may already be waiting for.
-        for partition, offset in consumer.end_offsets(partitions).items():
+        consumer, _, ends = whole_topic_consumer(self._bootstrap, self._topic)
+        for partition, offset in ends.items():  # live changes only: from the current end
             consumer.seek(partition, offset)
         return consumer
 

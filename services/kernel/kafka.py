@@ -6,10 +6,11 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 from kafka.producer.future import RecordMetadata
+from kafka.structs import TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,17 @@ def send_all(
     futures = [producer.send(topic, key=key, value=value, headers=headers) for topic, key, value, headers in records]
     producer.flush(timeout=timeout_s)
     return [future.get(timeout=timeout_s) for future in futures]  # raises the delivery error, if any
+
+
+def whole_topic_consumer(
+    bootstrap: str, topic: str
+) -> tuple[KafkaConsumer, dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """A consumer outside any group, assigned every partition of `topic`, with the
+    partitions' current beginning and end offsets resolved now (a lazy seek would
+    resolve at the first poll, after records a caller may already be waiting for).
+    The caller seeks to whichever it needs."""
+    ensure_topics(bootstrap, [topic])
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(partitions)
+    return consumer, consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)

@@ -22,7 +22,7 @@ from kafka.structs import TopicPartition
 from services.agents import state_view
 from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
-from services.kernel.kafka import ensure_topics
+from services.kernel.kafka import whole_topic_consumer
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,8 @@ class AgentFeed:
         self._on_change(envelope.aggregate_id)
 
     def _consumer(self) -> tuple[KafkaConsumer, dict[TopicPartition, int]]:
-        ensure_topics(self._bootstrap, [self._topic])
-        consumer = KafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None, enable_auto_commit=False)
-        partitions = [TopicPartition(self._topic, p) for p in sorted(consumer.partitions_for_topic(self._topic))]
-        consumer.assign(partitions)
-        ends = consumer.end_offsets(partitions)
-        for partition, offset in consumer.beginning_offsets(partitions).items():
+        consumer, beginnings, ends = whole_topic_consumer(self._bootstrap, self._topic)
+        for partition, offset in beginnings.items():  # the whole history: every agent's state
             consumer.seek(partition, offset)
         return consumer, ends
 

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 import grpc
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import AgentState, Transition
+from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import propagate
@@ -69,6 +70,7 @@ class Router:
         self._feed = feed
         self._bus = bus
         self._queues = dict(queues)
+        self._needs_occupancy = any(q.strategy == "least_occupied" for q in self._queues.values())
         self._clock = clock
         self.sl_variant = sl_variant
         self._topic = topic
@@ -87,8 +89,6 @@ class Router:
 
     def recover(self) -> int:
         """Fold the whole routing log from the event store; returns how many interactions are open."""
-        from centralino.v1.envelope_pb2 import EventEnvelope
-
         with self._lock:
             for stored in StoredEvent.objects(topic=self._topic).order_by("aggregate_id", "sequence"):
                 envelope = EventEnvelope.FromString(stored.envelope)
@@ -291,7 +291,8 @@ class Router:
         """Record the step on the interaction (the source of truth), then move the agent.
         If the agents service cannot follow now, `reconcile` brings the agent in line."""
         with self._lock:
-            interaction = self._save(self._get(iid), decide(self._get(iid), agent_id), meta)
+            before = self._get(iid)
+            interaction = self._save(before, decide(before, agent_id), meta)
             self._pending[agent_id].pop(iid, None)
             self._move_agent(agent_id, iid, transition, wrap_up_code)
             return interaction
@@ -405,7 +406,7 @@ class Router:
         return candidates, agents
 
     def _occupancy(self, view: state_view.View, now: float) -> float:
-        if not any(q.strategy == "least_occupied" for q in self._queues.values()):
+        if not self._needs_occupancy:  # closing the open intervals costs a deep copy per agent
             return 0.0
         tz = self._feed.tz
         current = state_view.up_to(view, now, tz)

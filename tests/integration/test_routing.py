@@ -13,12 +13,10 @@ import pytest
 from centralino.v1 import agents_pb2 as apb
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import Transition as T
-from centralino.v1.envelope_pb2 import EventEnvelope
 
 from services.agents.events import REGISTRY as AGENT_EVENTS
-from services.kernel.eventstore import StoredEvent
 from services.routing.events import REGISTRY as ROUTING_EVENTS
-from tests.helpers import eventually
+from tests.helpers import event_log, eventually
 from tests.integration.conftest import Platform
 
 pytestmark = pytest.mark.integration
@@ -93,12 +91,6 @@ def create(platform: Platform, department: str, language: str, channel: int, **f
     return platform.routing.CreateInteraction(request, timeout=10).interaction_id
 
 
-def history(aggregate_id: str, registry: Any) -> list[tuple[str, Any]]:
-    stored = StoredEvent.objects(aggregate_id=aggregate_id).order_by("sequence")
-    envelopes = [EventEnvelope.FromString(s.envelope) for s in stored]
-    return [(e.event_type, registry.decode(e)) for e in envelopes]
-
-
 @pytest.fixture
 def desks() -> Iterator[list[Desk]]:
     opened: list[Desk] = []
@@ -122,7 +114,7 @@ def test_an_interaction_travels_from_intake_to_wrap_up(platform: Platform, team:
         )
     )
     assert done.status == S.COMPLETED
-    transitions = [e.transition for t, e in history(agent, AGENT_EVENTS) if t == "agents.AgentStateChanged"]
+    transitions = [e.transition for t, e in event_log(agent, AGENT_EVENTS) if t == "agents.AgentStateChanged"]
     assert transitions[-4:] == [T.RESERVE, T.CONNECT, T.END, T.COMPLETE_WRAP_UP]
     stats = platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="account_management.en"))
     assert (stats.offered, stats.answered, stats.waiting, stats.service_level) == (1, 1, 0, 1.0)
@@ -162,14 +154,14 @@ def test_a_missed_offer_goes_back_to_the_front_and_the_agent_becomes_not_ready(
     desks.append(awake_desk := Desk(platform, awake))
     offer = awake_desk.next_offer(timeout_s=15)
     assert offer.interaction_id == iid and time.monotonic() - started >= 1.5  # queue's offer timeout: 2 s
-    events = [(t, getattr(e, "outcome", "")) for t, e in history(iid, ROUTING_EVENTS)]
+    events = [(t, getattr(e, "outcome", "")) for t, e in event_log(iid, ROUTING_EVENTS)]
     assert events[:4] == [
         ("routing.InteractionCreated", ""),
         ("routing.InteractionOffered", ""),
         ("routing.OfferEnded", "timed_out"),
         ("routing.InteractionOffered", ""),
     ]
-    last = [e for t, e in history(sleepy, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
+    last = [e for t, e in event_log(sleepy, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
     assert (last.transition, last.state, last.reason) == (T.MISS_OFFER, apb.NOT_READY, apb.MISSED_OFFER)
 
 
@@ -194,7 +186,7 @@ def test_expanding_targets_reach_a_wider_ring_after_the_wait(platform: Platform,
     waited = time.monotonic() - started
     assert offer.interaction_id == iid
     assert waited >= 2.5  # ring 1 (customer_service >= 4) never matched; ring 2 (lang:it) from 3 s
-    [offered] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionOffered"]
+    [offered] = [e for t, e in event_log(iid, ROUTING_EVENTS) if t == "routing.InteractionOffered"]
     assert offered.expansion_step == 1
 
 
@@ -218,7 +210,7 @@ def connected_to(platform: Platform, desk: Desk, department: str, language: str,
 
 
 def last_transition(agent_id: str) -> int:
-    return [e.transition for t, e in history(agent_id, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
+    return [e.transition for t, e in event_log(agent_id, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
 
 
 def test_cold_transfer_to_a_queue_and_warm_transfer_to_a_named_agent(
@@ -281,7 +273,7 @@ def test_escalation_goes_to_the_team_leader_or_the_escalation_queue(platform: Pl
     eventually(escalated)
     assert leader_desk.next_offer(seen).interaction_id == iid
     assert leader_desk.decide("AcceptOffer", iid).status == S.CONNECTED
-    [transferred] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
+    [transferred] = [e for t, e in event_log(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
     assert (transferred.target_agent_id, transferred.escalated, transferred.queue_id) == (
         leader,
         True,
@@ -289,5 +281,5 @@ def test_escalation_goes_to_the_team_leader_or_the_escalation_queue(platform: Pl
     )
     to_queue = pb.EscalateRequest(agent_id=leader, interaction_id=iid, reason="second level")
     assert platform.routing.Escalate(to_queue).status == S.QUEUED
-    [_, second] = [e for t, e in history(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
+    [_, second] = [e for t, e in event_log(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
     assert second.queue_id == "escalation.pl"

@@ -19,13 +19,11 @@ import pytest
 from centralino.v1 import agents_pb2 as apb
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import Transition as T
-from centralino.v1.envelope_pb2 import EventEnvelope
 
 from services.agents import domain as agents_domain
 from services.agents.events import REGISTRY as AGENT_EVENTS
-from services.kernel.eventstore import StoredEvent
 from services.routing.events import REGISTRY as ROUTING_EVENTS
-from tests.helpers import eventually
+from tests.helpers import event_log, eventually
 from tests.integration.conftest import Platform
 
 pytestmark = pytest.mark.integration
@@ -81,12 +79,6 @@ class Bot:
         self._call("CompleteInteraction", complete)
 
 
-def events_of(aggregate_id: str, registry: object) -> list[tuple[str, object]]:
-    stored = StoredEvent.objects(aggregate_id=aggregate_id).order_by("sequence")
-    envelopes = [EventEnvelope.FromString(s.envelope) for s in stored]
-    return [(e.event_type, registry.decode(e)) for e in envelopes]  # type: ignore[attr-defined]
-
-
 def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> None:
     platform.agents.CreateTeam(apb.CreateTeamRequest(team_id="s-team", name="Safety team"))
     agents = [f"bot-{n}" for n in range(AGENTS)]
@@ -136,7 +128,7 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
         assert len(first) + len(second) == INTERACTIONS
 
         def all_completed() -> bool:
-            last = [events_of(iid, ROUTING_EVENTS)[-1][0] for iid in ids]
+            last = [event_log(iid, ROUTING_EVENTS)[-1][0] for iid in ids]
             return all(kind == "routing.InteractionCompleted" for kind in last)
 
         eventually(all_completed, timeout_s=120, interval_s=1.0)
@@ -146,7 +138,7 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
 
     # Every interaction: offered to one agent at a time, accepted exactly once, completed.
     for iid in ids:
-        kinds = [kind.split(".")[1] for kind, _ in events_of(iid, ROUTING_EVENTS)]
+        kinds = [kind.split(".")[1] for kind, _ in event_log(iid, ROUTING_EVENTS)]
         offered = False
         for kind in kinds:
             if kind == "InteractionOffered":
@@ -160,7 +152,7 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
     connected_by: Counter[str] = Counter()
     for agent_id in agents:
         agent = agents_domain.Agent(agent_id=agent_id)
-        for _, event in events_of(agent_id, AGENT_EVENTS):
+        for _, event in event_log(agent_id, AGENT_EVENTS):
             agent = agents_domain.apply(agent, event)  # type: ignore[arg-type]
             per_channel = Counter(w.channel for w in agent.work)
             assert per_channel[apb.VOICE] <= 1 and per_channel[apb.CHAT] <= 3, agent.work
