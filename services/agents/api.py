@@ -18,7 +18,8 @@ from services.agents.queries import AgentFilter, AgentQueries, AgentReport
 from services.agents.state_view import utc
 from services.agents.watch import TeamWatchHub
 from services.kernel.envelope import Metadata, new_id
-from services.kernel.grpc_server import domain_errors_as_status
+from services.kernel.errors import DomainError
+from services.kernel.grpc_server import domain_errors_as_status, status_for
 
 PRODUCER = "centralino-agents"
 
@@ -142,6 +143,26 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
             return pb.ChangeStateResponse(
                 agent_id=request.agent_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id
             )
+
+    def ChangeStates(self, request: pb.ChangeStatesRequest, context: grpc.ServicerContext) -> pb.ChangeStatesResponse:
+        now = self._clock()
+        commands = [
+            (to_change_command(change, now), metadata_for(change.correlation_id), not change.HasField("at"))
+            for change in request.changes
+        ]
+        results = []
+        for change, outcome in zip(request.changes, self._app.change_states(commands), strict=True):
+            if isinstance(outcome, DomainError):
+                name = status_for(outcome).name
+                results.append(pb.ChangeStateResult(refused_code=name, refused_message=str(outcome)))
+                continue
+            [envelope] = outcome
+            event = pb.AgentStateChanged.FromString(envelope.payload)
+            accepted = pb.ChangeStateResponse(
+                agent_id=change.agent_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id
+            )
+            results.append(pb.ChangeStateResult(accepted=accepted))
+        return pb.ChangeStatesResponse(results=results)
 
     def ScheduleShift(
         self, request: pb.ScheduleShiftRequest, context: grpc.ServicerContext

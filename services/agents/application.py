@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -12,12 +13,13 @@ from google.protobuf.message import Message
 from services.agents import domain
 from services.agents.events import team_stream
 from services.kernel.envelope import Metadata
-from services.kernel.errors import ConcurrencyConflict
+from services.kernel.errors import ConcurrencyConflict, DomainError
 from services.kernel.repository import Repository
 
 Clock = Callable[[], datetime]
 TEAM_WRITE_ATTEMPTS = 5  # membership changes race only with other changes of the same team
 AGENT_WRITE_ATTEMPTS = 5
+Changed = list[EventEnvelope] | DomainError  # a change's envelopes, or why it was refused
 
 
 class AgentsApplication:
@@ -25,9 +27,25 @@ class AgentsApplication:
         self._agents = agents
         self._teams = teams
         self._clock = clock
+        self._folded: dict[str, tuple[domain.Agent, Message | None]] = {}  # agent, last event folded in
 
     def _agent(self, agent_id: str) -> domain.Agent:
-        return domain.replay(agent_id, self._agents.history(agent_id))
+        """The agent folded from its history; only events new since the last call are
+        applied (an agent's history grows by four events per interaction)."""
+        history = self._agents.history(agent_id)
+        known = self._folded.get(agent_id)
+        if (
+            known is None
+            or known[0].version > len(history)
+            or (history and history[known[0].version - 1][0] is not known[1])
+        ):
+            agent = domain.replay(agent_id, [])  # first sight, or the history was reloaded
+        else:
+            agent = known[0]
+        for event, at in history[agent.version :]:
+            agent = domain.apply(agent, event, at)
+        self._folded[agent_id] = (agent, history[-1][0] if history else None)
+        return agent
 
     def _team(self, team_id: str) -> domain.Team:
         return domain.replay_team(team_id, self._teams.load(team_stream(team_id)))
@@ -57,6 +75,38 @@ class AgentsApplication:
                 if attempt == AGENT_WRITE_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def change_states(self, commands: Sequence[tuple[domain.ChangeState, Metadata, bool]]) -> list[Changed]:
+        """Several changes, each decided in order on the state the earlier ones left,
+        written in one group commit.  Per change: its envelopes, or why it was refused."""
+        decided: list[Changed | tuple[list[EventEnvelope], Future[None]]] = []
+        for command, meta, stamp_now in commands:
+            command = replace(command, at=self._clock()) if stamp_now else command
+            agent = self._agent(command.agent_id)
+            try:
+                events = domain.change_state(command, agent, self._clock())
+            except DomainError as refused:
+                decided.append(refused)
+                continue
+            decided.append(self._agents.submit(command.agent_id, agent.version, events, meta, occurred_at=command.at))
+        return [self._settle(outcome, commands[i]) for i, outcome in enumerate(decided)]
+
+    def _settle(
+        self,
+        outcome: Changed | tuple[list[EventEnvelope], Future[None]],
+        command: tuple[domain.ChangeState, Metadata, bool],
+    ) -> Changed:
+        if not isinstance(outcome, tuple):
+            return outcome
+        envelopes, written = outcome
+        try:
+            written.result()
+            return envelopes
+        except ConcurrencyConflict:
+            try:  # lost a race with another writer: decide again on the fresh state
+                return self.change_state(*command)
+            except DomainError as refused:
+                return refused
 
     def schedule_shift(self, command: domain.ScheduleShift, meta: Metadata) -> list[EventEnvelope]:
         agent = self._agent(command.agent_id)

@@ -33,7 +33,7 @@ def bootstrap(settings: Settings) -> AgentsWiring:
     eventstore.ensure_indexes()
     adapters.ensure_indexes()
     topic = settings.topic("agents")
-    store = eventstore.EventStore()
+    store = eventstore.EventStore(log_name=topic)
     relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-agents", settings.relay_interval_s)
     agents = Repository(store, REGISTRY, topic, AGENT, on_saved=relay.wake)
     teams = Repository(store, REGISTRY, topic, TEAM, on_saved=relay.wake)

@@ -1,38 +1,68 @@
-"""Event store and transactional outbox in MongoDB.
+"""Event store with group commit and a commit log that is its outbox, in MongoDB.
 
-An accepted command is durable once its events are in `event_store`: the unique
-(aggregate_id, sequence) index is the optimistic-concurrency check.  Events to
-publish wait in a small `event_outbox` collection that the relay drains into
-Kafka, so a broker outage delays events but never loses them.
+An accepted command is durable once its events are in `event_store`.  Each event
+document's `_id` is "<aggregate id>#<sequence>", so the primary key is the
+optimistic-concurrency check and every read is a lookup by `_id`: FerretDB v1 on
+SQLite pushes down nothing else and would scan the whole collection otherwise.
 
-Why two collections: MongoDB-wire servers without index-backed filters (FerretDB
-v1 on SQLite scans a collection for every query) would otherwise scan the whole
-event history on every drain.  The outbox only ever holds what is still to go.
+Group commit: callers `submit` writes and wait on a future; one committer thread
+takes everything queued and commits it together.  A commit is three writes, not
+three per event:
 
-Why the commit flag: there are no multi-document transactions (FerretDB v1), so
-an outbox entry is written first, uncommitted; then the events; then the entry is
-committed.  A crash in between leaves an uncommitted entry, which `recover`
-commits if its event made it into the store and drops otherwise: no event is
+1. an *intent* in `event_commits`, "<log>#<n>", holding every event of the batch
+   (one binary `CommitBatch`): what the relay will publish, in order;
+2. the events themselves, `insert_many` (the concurrency check);
+3. a *mark* in `event_commit_marks` naming the events that were refused.
+
+There are no multi-document transactions (FerretDB v1), hence the intent and the
+mark: a crash between 1 and 3 leaves an intent without a mark, which the relay
+settles by looking up which of its events made it into the store.  No event is
 published that was not accepted, none accepted is left unpublished.
+
+The relay reads the commit log in order from its saved position, again by `_id`
+only.  Each service writes its own log (one writer process per log; a second
+one is caught by the intent's `_id` and takes the next number).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections import defaultdict, deque
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import mongoengine as me
-from centralino.v1.envelope_pb2 import EventEnvelope
-from pymongo.errors import BulkWriteError
+from centralino.v1.envelope_pb2 import CommitBatch, CommittedEvent, EventEnvelope
+from opentelemetry import context as otel_context
+from pymongo.collection import Collection
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from services.kernel.errors import ConcurrencyConflict
 
+log = logging.getLogger(__name__)
+
 _DUPLICATE_KEY = 11000
+MAX_BATCH_EVENTS = 1000
+SETTLE_AFTER = timedelta(seconds=30)  # an intent this old without a mark was left by a crash
 
 
-class _EventRecord(me.Document):
-    event_id = me.StringField(primary_key=True)
+def event_key(aggregate_id: str, sequence: int) -> str:
+    # Fixed width: (aggregate id, sequence) -> key is one-to-one whatever the id contains.
+    return f"{aggregate_id}#{sequence:012d}"
+
+
+def commit_key(log_name: str, number: int) -> str:
+    return f"{log_name}#{number:015d}"
+
+
+class StoredEvent(me.Document):
+    key = me.StringField(primary_key=True)  # event_key(aggregate_id, sequence)
+    event_id = me.StringField(required=True)
     aggregate_id = me.StringField(required=True)
     sequence = me.IntField(required=True)
     event_type = me.StringField(required=True)
@@ -41,80 +71,338 @@ class _EventRecord(me.Document):
     trace_headers = me.DictField()  # W3C context of the request that produced it
     recorded_at = me.DateTimeField(required=True)
 
-    meta: dict[str, Any] = {"abstract": True}
-
-
-class StoredEvent(_EventRecord):
     meta: dict[str, Any] = {
         "collection": "event_store",
         "auto_create_index": False,
-        "indexes": [
-            {"fields": ["aggregate_id", "sequence"], "unique": True},
-            {"fields": ["topic", "aggregate_id", "sequence"]},
-        ],
+        # For a real MongoDB: a router folding its whole topic at start-up.
+        "indexes": [{"fields": ["topic", "aggregate_id", "sequence"]}],
     }
 
 
-class PendingEvent(_EventRecord):
-    committed = me.BooleanField(default=False)
-
-    meta: dict[str, Any] = {"collection": "event_outbox", "auto_create_index": False}
+def _collection(name: str) -> Collection:
+    return StoredEvent._get_db()[name]  # type: ignore[no-any-return]
 
 
 def ensure_indexes() -> None:
     StoredEvent.ensure_indexes()
-    PendingEvent.ensure_indexes()
+
+
+@dataclass(frozen=True)
+class Unpublished:
+    """An accepted event on its way to Kafka."""
+
+    topic: str
+    envelope: bytes
+    trace_headers: dict[str, str]
+    recorded_at: datetime
+
+
+@dataclass
+class _Write:
+    topic: str
+    envelopes: Sequence[EventEnvelope]
+    trace_headers: dict[str, str]
+    after: Future[None] | None  # the write this one builds on, still in flight when it was made
+    future: Future[None] = field(default_factory=Future)
+    context: otel_context.Context = field(default_factory=otel_context.get_current)  # the request's trace
+
+    @property
+    def aggregate_id(self) -> str:
+        return self.envelopes[0].aggregate_id
+
+    def doc(self, envelope: EventEnvelope, now: datetime) -> dict[str, Any]:
+        return {
+            "_id": event_key(envelope.aggregate_id, envelope.sequence),
+            "event_id": envelope.event_id,
+            "aggregate_id": envelope.aggregate_id,
+            "sequence": envelope.sequence,
+            "event_type": envelope.event_type,
+            "topic": self.topic,
+            "envelope": envelope.SerializeToString(),
+            "trace_headers": self.trace_headers,
+            "recorded_at": now,
+        }
+
+
+def _failed(future: Future[None] | None) -> bool:
+    return future is not None and future.done() and future.exception() is not None
 
 
 class EventStore:
+    def __init__(self, log_name: str = "events", max_batch_events: int = MAX_BATCH_EVENTS) -> None:
+        self.log_name = log_name
+        self._max_batch = max_batch_events
+        self._queue: deque[_Write] = deque()
+        self._ready = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._next: int | None = None  # next commit number; found in the log when unknown
+        self._published: int | None = None  # the relay's position in the log
+
+    # ---- reading ----
+
     def load(self, aggregate_id: str) -> list[EventEnvelope]:
-        stored = StoredEvent.objects(aggregate_id=aggregate_id).order_by("sequence").only("envelope")
-        return [EventEnvelope.FromString(doc.envelope) for doc in stored]
+        events = _collection("event_store")
+        loaded: list[EventEnvelope] = []
+        while doc := events.find_one({"_id": event_key(aggregate_id, len(loaded) + 1)}, {"envelope": 1}):
+            loaded.append(EventEnvelope.FromString(doc["envelope"]))
+        return loaded
+
+    # ---- writing ----
+
+    def submit(
+        self,
+        topic: str,
+        envelopes: Sequence[EventEnvelope],
+        trace_headers: dict[str, str],
+        after: Future[None] | None = None,
+    ) -> Future[None]:
+        """Queue one aggregate's events for the next group commit.
+
+        The future fails with ConcurrencyConflict if the sequence is taken (someone
+        else won the race) or if `after`, the write these events build on, failed."""
+        write = _Write(topic, envelopes, trace_headers, after)
+        with self._ready:
+            if self._thread is None:  # started on first use: nothing runs at import or construction
+                self._thread = threading.Thread(target=self._run, name=f"commit-{self.log_name}", daemon=True)
+                self._thread.start()
+            self._queue.append(write)
+            self._ready.notify()
+        return write.future
 
     def append(self, topic: str, envelopes: Sequence[EventEnvelope], trace_headers: dict[str, str]) -> None:
-        """Append in order; a sequence already taken means someone else won the race."""
-        now = datetime.now(UTC)
-        fields = [
-            {
-                "event_id": env.event_id,
-                "aggregate_id": env.aggregate_id,
-                "sequence": env.sequence,
-                "event_type": env.event_type,
-                "topic": topic,
-                "envelope": env.SerializeToString(),
-                "trace_headers": trace_headers,
-                "recorded_at": now,
-            }
-            for env in envelopes
-        ]
-        ids = [env.event_id for env in envelopes]
-        PendingEvent._get_collection().insert_many([PendingEvent(**f).to_mongo() for f in fields])
-        try:
-            StoredEvent._get_collection().insert_many([StoredEvent(**f).to_mongo() for f in fields], ordered=True)
-        except BulkWriteError as exc:
-            PendingEvent.objects(event_id__in=ids).delete()
-            if any(error.get("code") == _DUPLICATE_KEY for error in exc.details.get("writeErrors", [])):
-                raise ConcurrencyConflict(f"aggregate {envelopes[0].aggregate_id} changed concurrently") from exc
-            raise
-        PendingEvent.objects(event_id__in=ids).update(set__committed=True)
+        """Append in order and wait until durable; a sequence already taken is a ConcurrencyConflict."""
+        self.submit(topic, envelopes, trace_headers).result()
 
-    def unpublished(self, limit: int) -> list[PendingEvent]:
-        # Sorted by aggregate then sequence so each aggregate's events reach Kafka in order.
-        pending = PendingEvent.objects(committed=True).order_by("aggregate_id", "sequence").limit(limit)
-        return list(pending)
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                batch: list[_Write] = []
+                size = 0
+                while self._queue and size < self._max_batch:
+                    batch.append(self._queue.popleft())
+                    size += len(batch[-1].envelopes)
+            try:
+                self._commit(batch)
+            except Exception as exc:  # a bug, not an outage (those are handled inside): fail loudly
+                log.exception("group commit failed")
+                for write in batch:
+                    if not write.future.done():
+                        write.future.set_exception(exc)
 
-    def mark_published(self, event_ids: Sequence[str]) -> None:
-        if event_ids:
-            PendingEvent.objects(event_id__in=list(event_ids)).delete()
-
-    def recover(self, older_than: timedelta = timedelta(seconds=30)) -> int:
-        """Settle outbox entries left uncommitted by a crash; returns how many were kept."""
-        kept = 0
-        cutoff = datetime.now(UTC) - older_than
-        for pending in PendingEvent.objects(committed=False, recorded_at__lt=cutoff):
-            if StoredEvent.objects(event_id=pending.event_id).only("event_id").first():
-                PendingEvent.objects(event_id=pending.event_id).update(set__committed=True)
-                kept += 1
+    def _commit(self, batch: list[_Write]) -> None:
+        writes = []
+        for write in batch:
+            if _failed(write.after):
+                write.future.set_exception(
+                    ConcurrencyConflict(f"aggregate {write.aggregate_id}: an earlier write failed")
+                )
             else:
-                pending.delete()
-        return kept
+                writes.append(write)
+        if not writes:
+            return
+        # One commit serves many requests; its database calls appear in the first one's trace.
+        token = otel_context.attach(writes[0].context)
+        try:
+            self._commit_writes(writes)
+        finally:
+            otel_context.detach(token)
+
+    def _commit_writes(self, writes: list[_Write]) -> None:
+        now = datetime.now(UTC)
+        docs = [[write.doc(envelope, now) for envelope in write.envelopes] for write in writes]
+        try:
+            number = self._write_intent(writes, now)
+        except Exception as exc:  # nothing of this batch was written
+            for write in writes:
+                write.future.set_exception(exc)
+            return
+        outcome = self._insert_events(writes, docs)
+        self._write_mark(number, docs, outcome)
+        for write, refused in zip(writes, outcome, strict=True):
+            if refused is None:
+                write.future.set_result(None)
+            else:
+                write.future.set_exception(refused)
+
+    def _write_intent(self, writes: list[_Write], now: datetime) -> int:
+        batch = CommitBatch(
+            events=[
+                CommittedEvent(topic=w.topic, envelope=e.SerializeToString(), trace_headers=w.trace_headers)
+                for w in writes
+                for e in w.envelopes
+            ]
+        )
+        commits = _collection("event_commits")
+        for _ in range(5):
+            number = self._next if self._next is not None else self._head()
+            try:
+                commits.insert_one(
+                    {"_id": commit_key(self.log_name, number), "batch": batch.SerializeToString(), "at": now}
+                )
+            except DuplicateKeyError:  # another writer of this log took the number
+                self._next = None
+                continue
+            except Exception:
+                self._next = None  # the intent may or may not be there: look again next time
+                raise
+            self._next = number + 1
+            return number
+        raise ConcurrencyConflict(f"commit log {self.log_name}: could not take a commit number")
+
+    def _head(self) -> int:
+        """The first free number in this log (no gaps: numbers are taken in order)."""
+        commits = _collection("event_commits")
+
+        def taken(n: int) -> bool:
+            return commits.find_one({"_id": commit_key(self.log_name, n)}, {"_id": 1}) is not None
+
+        low = self._position()  # taken (or 0)
+        step = 1
+        while taken(low + step):
+            low, step = low + step, step * 2
+        high = low + step  # free
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if taken(middle) else (low, middle)
+        return high
+
+    def _insert_events(self, writes: list[_Write], docs: list[list[dict[str, Any]]]) -> list[Exception | None]:
+        """Insert every write's events; per write, None or why it was refused.
+
+        Each aggregate's first event goes first, alone: it decides the race for the
+        aggregate, and only the winner's following events are inserted after it."""
+        chains: dict[str, list[int]] = defaultdict(list)
+        for index, write in enumerate(writes):
+            chains[write.aggregate_id].append(index)
+        heads = [docs[chain[0]][0] for chain in chains.values()]
+        try:
+            refused = self._insert(heads)
+            rest = [d for c in chains.values() if docs[c[0]][0]["_id"] not in refused for i in c for d in docs[i]]
+            first = {d["_id"] for d in heads}
+            refused |= self._insert([d for d in rest if d["_id"] not in first])
+        except _Unknown:
+            refused = self._settle(docs)  # an outage mid-insert: find out what landed
+        outcome: list[Exception | None] = [None] * len(writes)
+        for chain in chains.values():
+            failed_from = next((k for k, i in enumerate(chain) if any(d["_id"] in refused for d in docs[i])), None)
+            if failed_from is None:
+                continue
+            for i in chain[failed_from:]:  # a refused write, and every later one building on it
+                outcome[i] = ConcurrencyConflict(f"aggregate {writes[i].aggregate_id} changed concurrently")
+                self._take_back([d for d in docs[i] if d["_id"] not in refused])
+        return outcome
+
+    @staticmethod
+    def _insert(docs: list[dict[str, Any]]) -> set[str]:
+        """insert_many; returns the keys refused as taken.  Any other failure leaves
+        the outcome unknown (_Unknown)."""
+        if not docs:
+            return set()
+        try:
+            _collection("event_store").insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != _DUPLICATE_KEY for error in errors):
+                raise _Unknown from exc
+            return {docs[error["index"]]["_id"] for error in errors}
+        except Exception as exc:
+            raise _Unknown from exc
+        return set()
+
+    def _settle(self, docs: list[list[dict[str, Any]]]) -> set[str]:
+        """Which of these documents are not in the store as ours; waits out an outage."""
+        delay = 0.2
+        while True:
+            try:
+                return self._missing([d for write in docs for d in write])
+            except Exception:
+                log.exception("event store unreachable while settling a commit; retrying in %.1fs", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _missing(docs: list[dict[str, Any]]) -> set[str]:
+        events = _collection("event_store")
+        missing = set()
+        for doc in docs:
+            found = events.find_one({"_id": doc["_id"]}, {"event_id": 1})
+            if found is None or found["event_id"] != doc["event_id"]:
+                missing.add(doc["_id"])
+        return missing
+
+    @staticmethod
+    def _take_back(docs: list[dict[str, Any]]) -> None:
+        # Our events after the point where another writer won: they must not stay.
+        for doc in docs:
+            _collection("event_store").delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
+
+    def _write_mark(self, number: int, docs: list[list[dict[str, Any]]], outcome: list[Exception | None]) -> None:
+        flat = [(d, refused) for write, refused in zip(docs, outcome, strict=True) for d in write]
+        rejected = [index for index, (_, refused) in enumerate(flat) if refused is not None]
+        try:
+            _collection("event_commit_marks").insert_one(
+                {"_id": commit_key(self.log_name, number), "rejected": rejected}
+            )
+        except Exception:  # the events are stored; the relay settles the intent after SETTLE_AFTER
+            log.exception("commit %d of %s has no mark yet; the relay will settle it", number, self.log_name)
+
+    # ---- the relay's side ----
+
+    def _position(self) -> int:
+        doc = _collection("event_relay").find_one({"_id": self.log_name})
+        return int(doc["position"]) if doc else 0
+
+    def unpublished(self, limit: int) -> tuple[list[Unpublished], int]:
+        """Accepted events after the relay's position, in commit order, and the position after them."""
+        if self._published is None:
+            self._published = self._position()
+        commits, marks = _collection("event_commits"), _collection("event_commit_marks")
+        events: list[Unpublished] = []
+        position = self._published
+        while len(events) < limit:
+            key = commit_key(self.log_name, position + 1)
+            intent = commits.find_one({"_id": key})
+            if intent is None:
+                break
+            mark = marks.find_one({"_id": key})
+            batch = CommitBatch.FromString(intent["batch"])
+            if mark is None:
+                at = intent["at"] if intent["at"].tzinfo else intent["at"].replace(tzinfo=UTC)
+                if datetime.now(UTC) - at < SETTLE_AFTER:
+                    break  # the writer is between its writes: wait for it, order matters
+                mark = self._settle_intent(key, batch)
+            rejected = set(mark["rejected"])
+            recorded_at = intent["at"] if intent["at"].tzinfo else intent["at"].replace(tzinfo=UTC)
+            events += [
+                Unpublished(e.topic, e.envelope, dict(e.trace_headers), recorded_at)
+                for index, e in enumerate(batch.events)
+                if index not in rejected
+            ]
+            position += 1
+        return events, position
+
+    def _settle_intent(self, key: str, batch: CommitBatch) -> dict[str, Any]:
+        envelopes = [EventEnvelope.FromString(e.envelope) for e in batch.events]
+        docs = [{"_id": event_key(env.aggregate_id, env.sequence), "event_id": env.event_id} for env in envelopes]
+        missing = self._missing(docs)
+        mark = {"_id": key, "rejected": [i for i, d in enumerate(docs) if d["_id"] in missing], "settled": True}
+        try:
+            _collection("event_commit_marks").insert_one(mark)
+        except DuplicateKeyError:  # the writer got there after all
+            found = _collection("event_commit_marks").find_one({"_id": key})
+            return found if found else mark
+        log.warning(
+            "settled commit %s left by a crash: %d of %d events accepted", key, len(docs) - len(missing), len(docs)
+        )
+        return mark
+
+    def mark_published(self, position: int) -> None:
+        if position != self._published:
+            _collection("event_relay").update_one({"_id": self.log_name}, {"$set": {"position": position}}, upsert=True)
+            self._published = position
+
+
+class _Unknown(Exception):
+    """A write failed in a way that leaves unknown what landed."""

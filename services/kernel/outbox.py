@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -25,19 +24,16 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
-from services.kernel.eventstore import EventStore, PendingEvent
+from services.kernel.eventstore import EventStore, Unpublished
 from services.kernel.kafka import Headers, ensure_topics, make_producer, send_all
 from services.kernel.telemetry import context_from_headers, headers_for
 
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "centralino.outbox"
-RECOVER_EVERY_S = 60.0
 
 
-def to_record(
-    stored: PendingEvent, trace_headers: Mapping[str, str] | None = None
-) -> tuple[str, bytes, bytes, Headers]:
+def to_record(stored: Unpublished, trace_headers: Mapping[str, str] | None = None) -> tuple[str, bytes, bytes, Headers]:
     """The Kafka record of a stored event; `trace_headers` (default: the request's) name its parent span."""
     envelope = EventEnvelope.FromString(stored.envelope)
     headers = cloudevents_headers(envelope)
@@ -46,7 +42,7 @@ def to_record(
     return stored.topic, envelope.aggregate_id.encode(), stored.envelope, headers
 
 
-def _span_attributes(stored: PendingEvent, envelope: EventEnvelope, client_id: str) -> dict[str, str]:
+def _span_attributes(stored: Unpublished, envelope: EventEnvelope, client_id: str) -> dict[str, str]:
     # No message key: it is the aggregate id, and agent ids are people's names.
     attributes = {
         "messaging.system": "kafka",
@@ -65,7 +61,7 @@ def _span_attributes(stored: PendingEvent, envelope: EventEnvelope, client_id: s
 
 def publish(
     producer: KafkaProducer,
-    batch: Sequence[PendingEvent],
+    batch: Sequence[Unpublished],
     timeout_s: float,
     tracer: trace.Tracer | None = None,
     instruments: metrics.PublishMetrics | None = None,
@@ -157,24 +153,23 @@ class OutboxRelay:
     def drain_once(self) -> int:
         """Publish every unpublished event; returns how many went out."""
         sent = 0
-        while batch := self._store.unpublished(self._batch):
-            if self._producer is None:
-                self._producer = self._producer_factory()
-            publish(self._producer, batch, timeout_s=30)
-            self._store.mark_published([doc.event_id for doc in batch])
+        while True:
+            batch, position = self._store.unpublished(self._batch)
+            if batch:
+                if self._producer is None:
+                    self._producer = self._producer_factory()
+                publish(self._producer, batch, timeout_s=30)
+            self._store.mark_published(position)
             sent += len(batch)
-        return sent
+            if len(batch) < self._batch:
+                return sent
 
     def _run(self) -> None:
         backoff = self._interval_s
-        next_recovery = 0.0
         while not self._stopping.is_set():
             self._wake.wait(timeout=backoff)
             self._wake.clear()
             try:
-                if time.monotonic() >= next_recovery:  # entries a crash left uncommitted
-                    next_recovery = time.monotonic() + RECOVER_EVERY_S
-                    self._store.recover()
                 self.drain_once()
                 backoff = self._interval_s
             except Exception:  # broker or database outage: keep the events, retry later

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
@@ -32,6 +34,8 @@ class Repository:
         self._on_saved = on_saved  # wakes the outbox relay
         self._cache: OrderedDict[str, list[tuple[Message, datetime]]] = OrderedDict()
         self._cache_size = cache_size
+        self._tails: dict[str, tuple[int, Future[None]]] = {}  # aggregate -> (version after, write in flight)
+        self._lock = threading.Lock()
 
     def load(self, aggregate_id: str) -> list[Message]:
         return [message for message, _ in self.history(aggregate_id)]
@@ -39,13 +43,15 @@ class Repository:
     def history(self, aggregate_id: str) -> list[tuple[Message, datetime]]:
         """Every event of the aggregate with the time it happened, oldest first.
 
-        Histories are cached per process and extended by this process's own saves;
+        Histories are cached per process and extended by this process's own writes;
         another writer's append shows up as a ConcurrencyConflict on save, which
         drops the cached copy, so the retry reads the store again."""
-        cached = self._cache.get(aggregate_id)
+        with self._lock:
+            cached = self._cache.get(aggregate_id)
         if cached is None:
             cached = [self._decoded(envelope) for envelope in self._store.load(aggregate_id)]
-            self._remember(aggregate_id, cached)
+            with self._lock:
+                self._remember(aggregate_id, cached)
         return list(cached)
 
     def _decoded(self, envelope: EventEnvelope) -> tuple[Message, datetime]:
@@ -65,10 +71,30 @@ class Repository:
         meta: Metadata,
         occurred_at: datetime | None = None,
     ) -> list[EventEnvelope]:
-        """Append `events` after `version`; ConcurrencyConflict if the aggregate moved on.
-
-        `occurred_at` is the business time (e.g. a CTI timestamp); default now.
+        """Append `events` after `version` and wait until durable; ConcurrencyConflict if
+        the aggregate moved on.  `occurred_at` is the business time (e.g. a CTI timestamp); default now.
         """
+        envelopes, future = self.submit(aggregate_id, version, events, meta, occurred_at)
+        try:
+            future.result()
+        except ConcurrencyConflict:
+            self._forget(aggregate_id)
+            raise
+        return envelopes
+
+    def submit(
+        self,
+        aggregate_id: str,
+        version: int,
+        events: Sequence[Message],
+        meta: Metadata,
+        occurred_at: datetime | None = None,
+    ) -> tuple[list[EventEnvelope], Future[None]]:
+        """Queue the events for the next group commit without waiting.
+
+        The cached history runs ahead at once, so the next decision on this aggregate
+        can build on it; a write that builds on one still in flight fails if that one
+        does (the store never leaves a gap), and the cache is then dropped."""
         envelopes = [
             wrap(
                 event,
@@ -81,16 +107,33 @@ class Repository:
             )
             for offset, event in enumerate(events, start=1)
         ]
-        if envelopes:
-            try:
-                self._store.append(self._topic, envelopes, current_trace_headers())
-            except ConcurrencyConflict:
-                self._cache.pop(aggregate_id, None)
-                raise
+        if not envelopes:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return envelopes, done
+        with self._lock:
+            tail = self._tails.get(aggregate_id)
+            after = tail[1] if tail is not None and tail[0] == version else None
+            future = self._store.submit(self._topic, envelopes, current_trace_headers(), after)
+            self._tails[aggregate_id] = (version + len(envelopes), future)
             cached = self._cache.get(aggregate_id)
             if cached is not None and len(cached) == version:
                 self._remember(aggregate_id, cached + [self._decoded(e) for e in envelopes])
             else:
                 self._cache.pop(aggregate_id, None)
+        future.add_done_callback(lambda f: self._settled(aggregate_id, f))
+        return envelopes, future
+
+    def _settled(self, aggregate_id: str, future: Future[None]) -> None:
+        with self._lock:
+            tail = self._tails.get(aggregate_id)
+            if tail is not None and tail[1] is future:
+                del self._tails[aggregate_id]
+        if future.exception() is not None:
+            self._forget(aggregate_id)
+        else:
             self._on_saved()
-        return envelopes
+
+    def _forget(self, aggregate_id: str) -> None:
+        with self._lock:
+            self._cache.pop(aggregate_id, None)

@@ -13,7 +13,7 @@ import atexit
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import context as otel_context
@@ -159,8 +159,10 @@ def headers_for(span: trace.Span) -> dict[str, str]:
     return carrier
 
 
-def context_from_headers(headers: Iterable[tuple[str, bytes]] | dict[str, bytes]) -> otel_context.Context:
-    items = headers.items() if isinstance(headers, dict) else headers
+def context_from_headers(
+    headers: Iterable[tuple[str, bytes]] | Mapping[str, bytes] | Mapping[str, str],
+) -> otel_context.Context:
+    items = headers.items() if isinstance(headers, Mapping) else headers
     carrier = {key: value.decode() if isinstance(value, bytes) else value for key, value in items}
     return propagate.extract(carrier)
 

@@ -41,7 +41,7 @@ def bootstrap(settings: Settings) -> RoutingWiring:
     eventstore.ensure_indexes()
     topic = settings.topic("routing")
 
-    store = eventstore.EventStore()
+    store = eventstore.EventStore(log_name=topic)
     relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-routing", settings.relay_interval_s)
     interactions = Repository(store, REGISTRY, topic, INTERACTION, on_saved=relay.wake)
     agents = AgentsPort(instrumented_channel(settings.grpc_target("agents")))

@@ -1,12 +1,19 @@
 """The router: keeps the open interactions, matches them to agents, drives offers.
 
-All changes to interactions pass through one lock in one process (one active
-router per deployment), so memory and the event store agree.  Correctness does
-not rest on that alone: an interaction can only be offered while QUEUED
-(optimistic concurrency on the aggregate), and an agent can only be reserved
-within its capacity (the agents service's own aggregate).  After a crash the
-router folds the routing log from the event store and carries on: offers still
-standing keep their deadlines, nothing accepted is lost.
+All decisions on interactions are taken under one lock in one process (one
+active router per deployment), on the state in memory, which runs ahead of the
+store: a decision is applied at once and its events go to the next group commit.
+Nothing waits for the database or the agents service while holding the lock; a
+caller waits for its own write after releasing it, and what follows a write
+(moving the agent, announcing an offer) happens only once it is durable.  A write
+that fails takes every later write of the same interaction with it (the store
+leaves no gap), and the router reloads that interaction from the store.
+
+Correctness does not rest on the lock alone: an interaction can only be offered
+while QUEUED (optimistic concurrency on the aggregate), and an agent can only be
+reserved within its capacity (the agents service's own aggregate).  After a
+crash the router folds the routing log from the event store and carries on:
+offers still standing keep their deadlines, nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
 
-import grpc
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import AgentState, Transition
 from centralino.v1.envelope_pb2 import EventEnvelope
@@ -31,12 +38,12 @@ from services.agents import state_view
 from services.agents.domain.agent import Agent, WorkItem
 from services.agents.domain.state_machine import available_channels
 from services.kernel.envelope import Metadata, new_id
-from services.kernel.errors import ConcurrencyConflict, InvalidField, NotFound, PreconditionFailed
+from services.kernel.errors import InvalidField, NotFound, PreconditionFailed
 from services.kernel.eventstore import StoredEvent
 from services.kernel.repository import Repository
 from services.kernel.telemetry import current_trace_headers
 from services.routing.agent_feed import AgentFeed
-from services.routing.agents_port import AgentRefused, AgentsPort
+from services.routing.agents_port import AgentRefused, AgentsPort, Outcome
 from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import OPEN, Interaction
 from services.routing.domain.matching import Candidate, plan
@@ -49,7 +56,9 @@ log = logging.getLogger(__name__)
 S = pb.InteractionStatus
 PRODUCER = "centralino-routing"
 REFUSAL_COOLDOWN_S = 1.0
+MOVING_GRACE_S = 2.0
 RECONCILE_EVERY_S = 2.0  # after a refused reservation, let the agent feed catch up first
+WRITE_TIMEOUT_S = 30.0
 Clock = Callable[[], datetime]
 
 
@@ -76,9 +85,13 @@ class Router:
         self._topic = topic
         self._lock = threading.RLock()
         self._all: dict[str, Interaction] = {}
+        self._open: dict[str, Interaction] = {}  # the ones still in play: routing passes look at these only
+        self._stale: set[str] = set()  # a write failed: reload from the store
+        self._unconfirmed: set[str] = set()  # offered, the agent's reservation not yet confirmed
         self._journey: dict[str, tuple[str, dict[str, str]]] = {}  # correlation id, W3C headers
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)  # agent -> reserved, not yet in the feed
         self._cooldown: dict[str, float] = {}
+        self._moving: dict[str, float] = {}  # agent -> when the router decided their END
         self._last_offer_at: dict[str, float] = {}
         self._next_reconcile = 0.0
         self._wake = threading.Event()
@@ -95,9 +108,9 @@ class Router:
                 iid = envelope.aggregate_id
                 at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
                 current = self._all.get(iid) or Interaction(interaction_id=iid)
-                self._all[iid] = domain.apply(current, REGISTRY.decode(envelope), at)
+                self._put(domain.apply(current, REGISTRY.decode(envelope), at))
                 self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
-            return sum(1 for i in self._all.values() if i.status in OPEN)
+            return len(self._open)
 
     def start(self) -> None:
         self._thread.start()
@@ -106,6 +119,7 @@ class Router:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._agents.stop()
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -117,6 +131,7 @@ class Router:
             if not self._feed.wait_caught_up(0):
                 continue  # never route on a stale picture of the agents
             try:
+                self._reload_stale()
                 self.expire_offers()
                 if time.monotonic() >= self._next_reconcile:
                     self._next_reconcile = time.monotonic() + RECONCILE_EVERY_S
@@ -131,33 +146,63 @@ class Router:
         correlation, _ = self._journey.get(iid, ("", {}))
         return Metadata(correlation_id=correlation or iid, causation_id=new_id(), producer=PRODUCER)
 
-    def _save(self, interaction: Interaction, events: Sequence[Message], meta: Metadata | None = None) -> Interaction:
+    def _save(
+        self,
+        interaction: Interaction,
+        events: Sequence[Message],
+        meta: Metadata | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> tuple[Interaction, Future[None]]:
+        """Apply the events in memory now and queue them for the next group commit;
+        `then` runs once they are durable (in commit order, so agent steps keep it)."""
+        iid = interaction.interaction_id
         now = self._clock()
-        _, headers = self._journey.get(interaction.interaction_id, ("", {}))
+        _, headers = self._journey.get(iid, ("", {}))
         # Router-made changes continue the journey's trace begun by CreateInteraction.
         token = otel_context.attach(propagate.extract(headers)) if headers and meta is None else None
         try:
-            self._repo.save(
-                interaction.interaction_id,
-                interaction.version,
-                events,
-                meta or self._meta(interaction.interaction_id),
-                occurred_at=now,
-            )
-        except ConcurrencyConflict:
-            self._reload(interaction.interaction_id)
-            raise
+            _, written = self._repo.submit(iid, interaction.version, events, meta or self._meta(iid), occurred_at=now)
         finally:
             if token is not None:
                 otel_context.detach(token)
         for event in events:
             interaction = domain.apply(interaction, event, now.timestamp())
+        self._put(interaction)
+        written.add_done_callback(lambda done: self._written(iid, done, then))
+        return interaction, written
+
+    def _written(self, iid: str, done: Future[None], then: Callable[[], None] | None) -> None:
+        if done.exception() is not None:
+            log.warning("write of interaction %s failed (%s); reloading it", iid, done.exception())
+            with self._lock:
+                self._stale.add(iid)
+            self._wake.set()
+        elif then is not None:
+            then()
+
+    @staticmethod
+    def _wait(written: Future[None]) -> None:
+        """The caller's answer waits for durability: an accepted command is never lost."""
+        written.result(timeout=WRITE_TIMEOUT_S)
+
+    def _put(self, interaction: Interaction) -> None:
         self._all[interaction.interaction_id] = interaction
-        return interaction
+        if interaction.status in OPEN:
+            self._open[interaction.interaction_id] = interaction
+        else:
+            self._open.pop(interaction.interaction_id, None)
+
+    def _reload_stale(self) -> None:
+        with self._lock:
+            stale, self._stale = self._stale, set()
+            for iid in stale:
+                self._reload(iid)
 
     def _reload(self, iid: str) -> Interaction:
         interaction = domain.replay(iid, self._repo.history(iid))
-        self._all[iid] = interaction
+        self._put(interaction)
+        if interaction.status != S.OFFERED:
+            self._unconfirmed.discard(iid)
         return interaction
 
     def _get(self, iid: str) -> Interaction:
@@ -181,8 +226,10 @@ class Router:
                 meta = Metadata(
                     correlation_id=correlation_id or command.interaction_id, causation_id=new_id(), producer=PRODUCER
                 )
-                current = self._save(current, events, meta)
+                current, written = self._save(current, events, meta)
         self._wake.set()
+        if events:
+            self._wait(written)
         return current
 
     def abandon(self, iid: str, reason: str, meta: Metadata) -> Interaction:
@@ -194,22 +241,27 @@ class Router:
     def _withdraw(self, iid: str, decide: Callable[[Interaction], list[Message]], meta: Metadata) -> Interaction:
         with self._lock:
             before = self._get(iid)
-            after = self._save(before, decide(before), meta)
-            if before.status == S.OFFERED:  # release the reserved agent, no fault of theirs
-                self._release(before.agent_id, iid, Transition.REJECT_OFFER)
-            if before.warm_from:  # the consulting agent's customer has gone
-                self._move_agent(before.warm_from, iid, Transition.END)
-            return after
+
+            def then() -> None:
+                if before.status == S.OFFERED:  # release the reserved agent, no fault of theirs
+                    self._move_agent(before.agent_id, iid, Transition.REJECT_OFFER)
+                if before.warm_from:  # the consulting agent's customer has gone
+                    self._move_agent(before.warm_from, iid, Transition.END)
+
+            after, written = self._save(before, decide(before), meta, then)
+            if before.status == S.OFFERED:
+                self._pending[before.agent_id].pop(iid, None)
+        self._wait(written)
+        return after
 
     # ---- agent side ----
 
     def accept(self, agent_id: str, iid: str, meta: Metadata) -> Interaction:
         with self._lock:
             warm_from = self._get(iid).warm_from
-            accepted = self._agent_step(agent_id, iid, domain.accept, Transition.CONNECT, meta)
-            if warm_from:  # the consulting agent hands over now and wraps up
-                self._move_agent(warm_from, iid, Transition.END)
-            return accepted
+        # A warm transfer: the consulting agent hands over now and wraps up.
+        handover = (warm_from, Transition.END) if warm_from else None
+        return self._agent_step(agent_id, iid, domain.accept, Transition.CONNECT, meta, also=handover)
 
     def transfer(
         self, agent_id: str, iid: str, to_queue: str, to_agent: str, warm: bool, meta: Metadata
@@ -223,7 +275,9 @@ class Router:
                 raise InvalidField("to_queue_id", f"no queue {to_queue!r}")
             if to_agent and to_agent not in self._feed.views():
                 raise InvalidField("to_agent_id", f"no agent {to_agent!r}")
-            return self._hand_over(agent_id, interaction, queue, to_agent, warm, meta)
+            moved, written = self._hand_over(agent_id, interaction, queue, to_agent, warm, meta)
+        self._wait(written)
+        return moved
 
     def escalate(self, agent_id: str, iid: str, to_team_leader: bool, reason: str, meta: Metadata) -> Interaction:
         with self._lock:
@@ -234,9 +288,16 @@ class Router:
                 if not leader:
                     raise PreconditionFailed(f"team {team or '?'} of agent {agent_id} has no team leader")
                 queue = self._queues[interaction.queue_id]
-                return self._hand_over(agent_id, interaction, queue, leader, False, meta, escalated=True, reason=reason)
-            queue = queue_for(self._queues.values(), "escalation", interaction.language, pb.INBOUND)
-            return self._hand_over(agent_id, interaction, queue, "", False, meta, escalated=True, reason=reason)
+                moved, written = self._hand_over(
+                    agent_id, interaction, queue, leader, False, meta, escalated=True, reason=reason
+                )
+            else:
+                queue = queue_for(self._queues.values(), "escalation", interaction.language, pb.INBOUND)
+                moved, written = self._hand_over(
+                    agent_id, interaction, queue, "", False, meta, escalated=True, reason=reason
+                )
+        self._wait(written)
+        return moved
 
     def _hand_over(
         self,
@@ -248,11 +309,15 @@ class Router:
         meta: Metadata,
         escalated: bool = False,
         reason: str = "",
-    ) -> Interaction:
+    ) -> tuple[Interaction, Future[None]]:
         events = domain.transfer(interaction, agent_id, queue, to_agent, warm, escalated, reason)
-        moved = self._save(interaction, events, meta)
-        if not warm:  # cold: the agent wraps up now; warm: they stay on until the next one accepts
-            self._move_agent(agent_id, interaction.interaction_id, Transition.END)
+        iid = interaction.interaction_id
+
+        def then() -> None:
+            if not warm:  # cold: the agent wraps up now; warm: they stay on until the next one accepts
+                self._move_agent(agent_id, iid, Transition.END)
+
+        moved = self._save(interaction, events, meta, then)
         self._wake.set()
         return moved
 
@@ -269,11 +334,15 @@ class Router:
     def complete(self, agent_id: str, iid: str, code: str, disposition: str, meta: Metadata) -> Interaction:
         with self._lock:
             interaction = self._get(iid)
-            if interaction.agent_id != agent_id and interaction.status not in (S.WRAP_UP, S.COMPLETED):
-                # The agent transferred it away and now finishes their own after-call work.
+            transferred_away = interaction.agent_id != agent_id and interaction.status not in (S.WRAP_UP, S.COMPLETED)
+            if transferred_away:
                 domain.complete(replace(interaction, status=S.WRAP_UP, agent_id=agent_id), agent_id, code, disposition)
+        if transferred_away:  # the agent finishes their own after-call work; the interaction has moved on
+            try:
                 self._agents.change(agent_id, Transition.COMPLETE_WRAP_UP, iid, wrap_up_code=code)
-                return interaction
+            except AgentRefused as refused:
+                raise PreconditionFailed(str(refused)) from refused
+            return interaction
         decide = lambda i, a: domain.complete(i, a, code, disposition)  # noqa: E731
         result = self._agent_step(agent_id, iid, decide, Transition.COMPLETE_WRAP_UP, meta, code)
         self._wake.set()
@@ -287,27 +356,36 @@ class Router:
         transition: int,
         meta: Metadata,
         wrap_up_code: str = "",
+        also: tuple[str, int] | None = None,
     ) -> Interaction:
-        """Record the step on the interaction (the source of truth), then move the agent.
-        If the agents service cannot follow now, `reconcile` brings the agent in line."""
+        """Record the step on the interaction (the source of truth); once durable, move the
+        agent (and `also` another one).  If the agents service cannot follow, `reconcile`
+        brings the agent in line."""
         with self._lock:
             before = self._get(iid)
-            interaction = self._save(before, decide(before, agent_id), meta)
+
+            def then() -> None:
+                self._move_agent(agent_id, iid, transition, wrap_up_code)
+                if also is not None:
+                    self._move_agent(also[0], iid, also[1])
+
+            interaction, written = self._save(before, decide(before, agent_id), meta, then)
             self._pending[agent_id].pop(iid, None)
-            self._move_agent(agent_id, iid, transition, wrap_up_code)
-            return interaction
+        self._wait(written)
+        return interaction
 
     def _move_agent(self, agent_id: str, iid: str, transition: int, wrap_up_code: str = "") -> bool:
-        try:
-            self._agents.change(agent_id, transition, iid, wrap_up_code=wrap_up_code)
-            return True
-        except (AgentRefused, grpc.RpcError) as error:
-            log.warning("agent %s did not follow %s on %s: %s", agent_id, Transition.Name(transition), iid, error)
-            return False
+        """Queue the agent's step (in order after every step queued before); refusals are logged."""
+        if transition == Transition.END:
+            self._moving[agent_id] = self._clock().timestamp()
 
-    def _release(self, agent_id: str, iid: str, transition: int) -> None:
-        self._pending[agent_id].pop(iid, None)
-        self._move_agent(agent_id, iid, transition)
+        def check(outcome: Outcome) -> None:
+            if outcome.exception() is not None:
+                name = Transition.Name(transition)  # type: ignore[arg-type]
+                log.warning("agent %s did not follow %s on %s: %s", agent_id, name, iid, outcome.exception())
+
+        self._agents.send(agent_id, transition, iid, wrap_up_code=wrap_up_code).add_done_callback(check)
+        return True
 
     # ---- recovery: bring agents in line with the interactions ----
 
@@ -329,13 +407,14 @@ class Router:
                     if now - item["since"] < grace_s:
                         continue
                     fixes += self._drive(agent_id, item["phase"], interaction)
-            for interaction in self._all.values():
+            for interaction in list(self._open.values()):
                 phase = domain.AGENT_PHASE.get(interaction.status)
                 if phase is None or now - (interaction.changed_at or now) < grace_s:
                     continue
                 agent_view = views.get(interaction.agent_id)
                 held = {w["interaction_id"] for w in agent_view["work"]} if agent_view else set()
-                if interaction.interaction_id not in held and interaction.status == S.OFFERED:
+                unconfirmed = interaction.interaction_id in self._unconfirmed
+                if interaction.interaction_id not in held and interaction.status == S.OFFERED and not unconfirmed:
                     fixes += self._reserve_again(interaction)
         return fixes
 
@@ -363,17 +442,17 @@ class Router:
 
     def _reserve_again(self, interaction: Interaction) -> int:
         """An offer recorded but never reserved (a crash in between): reserve, or put it back."""
-        try:
-            self._agents.reserve(interaction.agent_id, interaction.interaction_id, interaction.channel)
-            return 1
-        except (AgentRefused, grpc.RpcError):
-            self._save(interaction, domain.end_offer(interaction, interaction.agent_id, "agent_unavailable"))
-            return 1
+        iid, agent_id = interaction.interaction_id, interaction.agent_id
+        self._unconfirmed.add(iid)
+        self._agents.reserve(agent_id, iid, interaction.channel, lambda outcome: self._reserved(iid, agent_id, outcome))
+        return 1
 
     def standing_offers(self, agent_id: str) -> list[pb.Offer]:
         with self._lock:
             return [
-                self._offer_message(i) for i in self._all.values() if i.status == S.OFFERED and i.agent_id == agent_id
+                self._offer_message(i)
+                for i in self._open.values()
+                if i.status == S.OFFERED and i.agent_id == agent_id and i.interaction_id not in self._unconfirmed
             ]
 
     # ---- routing ----
@@ -384,6 +463,8 @@ class Router:
         for agent_id, view in self._feed.views().items():
             if not (view["logged_in"] and view["ready"]) or self._cooldown.get(agent_id, 0) > now:
                 continue
+            if self._moving.get(agent_id, 0.0) > view["since"] and now - self._moving[agent_id] < MOVING_GRACE_S:
+                continue  # an END is on its way to the agent (after-call work): wait until the feed shows it
             agent = state_view.as_agent(view)
             known = {w.interaction_id for w in agent.work}
             pending = self._pending.get(agent_id, {})
@@ -415,7 +496,7 @@ class Router:
     def route_once(self) -> int:
         with self._lock:
             now = self._clock().timestamp()
-            waiting = [i for i in self._all.values() if i.status == S.QUEUED]
+            waiting = [i for i in self._open.values() if i.status == S.QUEUED]
             if not waiting:
                 return 0
             candidates, agents = self._candidates(now)
@@ -428,42 +509,57 @@ class Router:
                 return replace(candidate, channels=room, last_offer_at=now) if room else None
 
             in_progress: dict[str, int] = defaultdict(int)
-            for i in self._all.values():
+            for i in self._open.values():
                 if i.status in (S.OFFERED, S.CONNECTED):
                     in_progress[i.queue_id] += 1
             matches = plan(waiting, self._queues, candidates, now, after_offer, in_progress)
             return sum(1 for m in matches if self._offer(m.interaction_id, m.agent_id, m.step))
 
     def _offer(self, iid: str, agent_id: str, step: int) -> bool:
-        interaction = self._all[iid]
+        """Offer: recorded first; once durable, the agent is reserved; once reserved, announced."""
+        interaction = self._open[iid]
         now = self._clock()
         deadline = now.timestamp() + self._queues[interaction.queue_id].offer_timeout_s
-        try:
-            interaction = self._save(
-                interaction, domain.offer(interaction, agent_id, datetime.fromtimestamp(deadline, UTC), step)
-            )
-        except ConcurrencyConflict:
-            return False
-        try:
-            self._agents.reserve(agent_id, iid, interaction.channel)
-        except (AgentRefused, grpc.RpcError) as refused:
-            log.info("reservation of %s for %s refused: %s", agent_id, iid, refused)
-            self._cooldown[agent_id] = now.timestamp() + REFUSAL_COOLDOWN_S
-            self._save(interaction, domain.end_offer(interaction, agent_id, "agent_unavailable"))
-            return False
-        self._pending[agent_id][iid] = interaction.channel
+        events = domain.offer(interaction, agent_id, datetime.fromtimestamp(deadline, UTC), step)
+        channel = interaction.channel
+
+        def reserve() -> None:
+            self._agents.reserve(agent_id, iid, channel, lambda outcome: self._reserved(iid, agent_id, outcome))
+
+        self._save(interaction, events, then=reserve)
+        self._unconfirmed.add(iid)
+        self._pending[agent_id][iid] = channel
         self._last_offer_at[agent_id] = now.timestamp()
-        self._bus.publish(agent_id, self._offer_message(interaction))
         return True
+
+    def _reserved(self, iid: str, agent_id: str, outcome: Outcome) -> None:
+        with self._lock:
+            self._unconfirmed.discard(iid)
+            interaction = self._all.get(iid)
+            standing = interaction is not None and interaction.status == S.OFFERED and interaction.agent_id == agent_id
+            if outcome.exception() is None:
+                if standing and interaction is not None:
+                    self._bus.publish(agent_id, self._offer_message(interaction))
+                return  # else withdrawn meanwhile: its release follows the reservation in order
+            log.warning("reservation of %s for %s refused: %s", agent_id, iid, outcome.exception())
+            self._cooldown[agent_id] = self._clock().timestamp() + REFUSAL_COOLDOWN_S
+            self._pending[agent_id].pop(iid, None)
+            if standing and interaction is not None:
+                self._save(interaction, domain.end_offer(interaction, agent_id, "agent_unavailable"))
+        self._wake.set()
 
     def expire_offers(self) -> int:
         with self._lock:
             now = self._clock().timestamp()
-            expired = [i for i in self._all.values() if i.status == S.OFFERED and (i.expires_at or now) <= now]
+            expired = [i for i in self._open.values() if i.status == S.OFFERED and (i.expires_at or now) <= now]
             for interaction in expired:
-                agent_id = interaction.agent_id
-                self._save(interaction, domain.end_offer(interaction, agent_id, "timed_out"))
-                self._release(agent_id, interaction.interaction_id, Transition.MISS_OFFER)
+                agent_id, iid = interaction.agent_id, interaction.interaction_id
+
+                def then(agent_id: str = agent_id, iid: str = iid) -> None:
+                    self._move_agent(agent_id, iid, Transition.MISS_OFFER)
+
+                self._save(interaction, domain.end_offer(interaction, agent_id, "timed_out"), then=then)
+                self._pending[agent_id].pop(iid, None)
             return len(expired)
 
     def _offer_message(self, interaction: Interaction) -> pb.Offer:
@@ -488,7 +584,8 @@ class Router:
         if queue is None:
             raise NotFound(f"queue {queue_id} does not exist")
         with self._lock:
-            kpis = queue_kpis(list(self._all.values()), queue, self._clock().timestamp(), self.sl_variant)
+            interactions = list(self._all.values())
+        kpis = queue_kpis(interactions, queue, self._clock().timestamp(), self.sl_variant)
         ready = busy = 0
         target = queue.targets[0]
         for view in self._feed.views().values():

@@ -345,3 +345,33 @@ def test_concurrent_changes_to_one_agent_all_land_within_capacity(service: Agent
         thread.join()
     # Lost races are decided again on fresh state (no ABORTED), and capacity holds.
     assert sorted(outcomes) == ["FAILED_PRECONDITION", "FAILED_PRECONDITION", "ok", "ok", "ok"]
+
+
+def test_a_batch_of_changes_applies_in_order_and_refusals_stand_alone(service: AgentsService) -> None:
+    service.register(
+        "batch-ben",
+        team_id="t-milano",
+        override_span_of_control=True,
+        channels=[pb.ChannelCapacity(channel=pb.CHAT, max_concurrent=1)],
+    )
+
+    def change(transition: int, **fields: Any) -> pb.ChangeStateRequest:
+        return pb.ChangeStateRequest(agent_id="batch-ben", transition=transition, **fields)  # type: ignore[arg-type]
+
+    reply = service.stub.ChangeStates(
+        pb.ChangeStatesRequest(
+            changes=[
+                change(T.LOG_IN),
+                change(T.GO_READY),
+                change(T.RESERVE, interaction_id="c-1", channel=pb.CHAT),
+                change(T.RESERVE, interaction_id="c-2", channel=pb.CHAT),  # over capacity: refused alone
+                change(T.CONNECT, interaction_id="c-1"),
+                change(T.CONNECT, interaction_id="nope"),  # never reserved
+            ]
+        )
+    )
+    outcomes = [r.accepted.state if r.HasField("accepted") else r.refused_code for r in reply.results]
+    assert outcomes == [S.NOT_READY, S.READY, S.RESERVED, "FAILED_PRECONDITION", S.BUSY, "FAILED_PRECONDITION"]
+    assert [r.accepted.version for r in reply.results if r.HasField("accepted")] == [2, 3, 4, 5]
+    assert "capacity" in reply.results[3].refused_message
+    assert eventually(lambda: projected_version("batch-ben", 5))

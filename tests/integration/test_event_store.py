@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
 from centralino.v1 import agents_pb2 as pb
-from centralino.v1.envelope_pb2 import EventEnvelope
+from centralino.v1.envelope_pb2 import CommitBatch, CommittedEvent, EventEnvelope
 from kafka.errors import NoBrokersAvailable
 
 from infra.stack import free_port
@@ -62,7 +63,7 @@ def test_events_accepted_during_a_broker_outage_are_published_when_it_returns(
     repository.save("a2", 0, [registered("a2")], META)
     with pytest.raises(NoBrokersAvailable):
         down.drain_once()
-    assert len(eventstore.EventStore().unpublished(10)) == 2  # still safe in the store
+    assert len(eventstore.EventStore().unpublished(10)[0]) == 2  # still safe in the store
 
     def producer():  # type: ignore[no-untyped-def]
         kafka.ensure_topics(mongo.kafka_bootstrap, [mongo.topic("agents")])
@@ -95,20 +96,65 @@ def test_a_second_writer_is_caught_and_the_cache_reloads(repository: Repository,
     assert [e.name for e in repository.load("a1")] == ["Anna", "from elsewhere"]  # type: ignore[attr-defined]
 
 
-def test_outbox_entries_a_crash_left_uncommitted_are_settled(repository: Repository) -> None:
-    [kept] = repository.save("a1", 0, [registered("a1")], META)
-    old = datetime.now(UTC) - timedelta(minutes=5)
-    eventstore.PendingEvent.objects(event_id=kept.event_id).update(set__committed=False, set__recorded_at=old)
-    ghost = eventstore.PendingEvent(  # its event never reached the store: the command was not accepted
-        event_id="ghost",
-        aggregate_id="a9",
-        sequence=1,
-        event_type="agents.AgentRegistered",
-        topic="t",
-        envelope=b"",
-        recorded_at=old,
+def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(repository: Repository) -> None:
+    repository.save("a1", 0, [registered("a1")], META)
+    store = eventstore.EventStore()
+    _, position = store.unpublished(10)
+    store.mark_published(position)  # the relay is past everything so far
+    ghost = EventEnvelope(event_id="ghost", aggregate_id="a9", sequence=1, event_type="agents.AgentRegistered")
+    # A crash after an intent and one of its two events: a1's second event is in the store, a9's is not.
+    [second] = repository.save("a1", 1, [registered("a1", "again")], META)
+    marks = eventstore._collection("event_commit_marks")
+    commits = eventstore._collection("event_commits")
+    number = position + 2  # the save above took position + 1; this intent is the one a crash left
+    batch = CommitBatch(
+        events=[
+            CommittedEvent(topic="t", envelope=second.SerializeToString()),
+            CommittedEvent(topic="t", envelope=ghost.SerializeToString()),
+        ]
     )
-    ghost.save(force_insert=True)
-    assert eventstore.EventStore().unpublished(10) == []
-    assert eventstore.EventStore().recover() == 1
-    assert [p.event_id for p in eventstore.EventStore().unpublished(10)] == [kept.event_id]
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    commits.insert_one({"_id": eventstore.commit_key("events", number), "batch": batch.SerializeToString(), "at": old})
+    relay_view = eventstore.EventStore()
+    events, after = relay_view.unpublished(10)
+    assert [EventEnvelope.FromString(e.envelope).event_id for e in events] == [second.event_id, second.event_id]
+    assert after == number
+    mark = marks.find_one({"_id": eventstore.commit_key("events", number)})
+    assert mark is not None and mark["rejected"] == [1]  # the ghost
+
+
+def test_a_young_unmarked_commit_holds_the_relay_back(repository: Repository) -> None:
+    store = eventstore.EventStore()
+    store.mark_published(store.unpublished(10)[1])
+    commits = eventstore._collection("event_commits")
+    number = store.unpublished(10)[1] + 1
+    batch = CommitBatch(events=[CommittedEvent(topic="t", envelope=b"")])
+    # The writer is between its intent and its mark: later commits must wait, order matters.
+    commits.insert_one(
+        {"_id": eventstore.commit_key("events", number), "batch": batch.SerializeToString(), "at": datetime.now(UTC)}
+    )
+    repository.save("a2", 0, [registered("a2")], META)
+    assert store.unpublished(10) == ([], number - 1)
+
+
+def test_concurrent_writes_share_commits(repository: Repository) -> None:
+    store = eventstore.EventStore()
+    before = store.unpublished(10_000)[1]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        list(pool.map(lambda n: repository.save(f"agent-{n}", 0, [registered(f"agent-{n}")], META), range(200)))
+    events, after = store.unpublished(10_000)
+    assert len(events) == 200
+    assert after - before < 200  # fewer commits than writes: they were grouped
+    assert all(len(repository.load(f"agent-{n}")) == 1 for n in range(200))
+
+
+def test_a_write_building_on_a_refused_one_is_refused_too(repository: Repository, mongo: Settings) -> None:
+    other = Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
+    other.save("a1", 0, [registered("a1", "winner")], META)
+    _, first = repository.submit("a1", 0, [registered("a1", "loser")], META)
+    _, second = repository.submit("a1", 1, [registered("a1", "built on the loser")], META)
+    with pytest.raises(ConcurrencyConflict):
+        first.result(timeout=10)
+    with pytest.raises(ConcurrencyConflict):
+        second.result(timeout=10)
+    assert [e.name for e in repository.load("a1")] == ["winner"]  # type: ignore[attr-defined]

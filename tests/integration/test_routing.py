@@ -114,8 +114,12 @@ def test_an_interaction_travels_from_intake_to_wrap_up(platform: Platform, team:
         )
     )
     assert done.status == S.COMPLETED
-    transitions = [e.transition for t, e in event_log(agent, AGENT_EVENTS) if t == "agents.AgentStateChanged"]
-    assert transitions[-4:] == [T.RESERVE, T.CONNECT, T.END, T.COMPLETE_WRAP_UP]
+
+    def agent_followed() -> bool:  # the agent follows the interaction once each step is durable
+        transitions = [e.transition for t, e in event_log(agent, AGENT_EVENTS) if t == "agents.AgentStateChanged"]
+        return transitions[-4:] == [T.RESERVE, T.CONNECT, T.END, T.COMPLETE_WRAP_UP]
+
+    assert eventually(agent_followed, timeout_s=10)
     stats = platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="account_management.en"))
     assert (stats.offered, stats.answered, stats.waiting, stats.service_level) == (1, 1, 0, 1.0)
     with pytest.raises(grpc.RpcError) as refused:
@@ -161,8 +165,12 @@ def test_a_missed_offer_goes_back_to_the_front_and_the_agent_becomes_not_ready(
         ("routing.OfferEnded", "timed_out"),
         ("routing.InteractionOffered", ""),
     ]
-    last = [e for t, e in event_log(sleepy, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
-    assert (last.transition, last.state, last.reason) == (T.MISS_OFFER, apb.NOT_READY, apb.MISSED_OFFER)
+
+    def missed() -> bool:
+        last = [e for t, e in event_log(sleepy, AGENT_EVENTS) if t == "agents.AgentStateChanged"][-1]
+        return (last.transition, last.state, last.reason) == (T.MISS_OFFER, apb.NOT_READY, apb.MISSED_OFFER)
+
+    assert eventually(missed, timeout_s=10)
 
 
 def test_a_rejected_offer_goes_to_the_next_agent(platform: Platform, team: str, desks: list[Desk]) -> None:
@@ -222,9 +230,10 @@ def test_cold_transfer_to_a_queue_and_warm_transfer_to_a_named_agent(
     iid = connected_to(platform, seller_desk, "sales", "en", apb.VOICE)
 
     cold = pb.TransferRequest(agent_id=seller, interaction_id=iid, to_queue_id="technical_support.en")
+    support_seen = len(support_desk.offers)
     assert platform.routing.Transfer(cold).status == S.QUEUED
-    assert last_transition(seller) == T.END  # cold: the seller wraps up at once
-    assert support_desk.next_offer(len(support_desk.offers)).interaction_id == iid
+    assert eventually(lambda: last_transition(seller) == T.END, timeout_s=10)  # cold: the seller wraps up
+    assert support_desk.next_offer(support_seen).interaction_id == iid
     assert support_desk.decide("AcceptOffer", iid).status == S.CONNECTED
 
     seller_back = pb.OfferDecision(agent_id=seller, interaction_id=iid)
@@ -235,13 +244,15 @@ def test_cold_transfer_to_a_queue_and_warm_transfer_to_a_named_agent(
     # The seller finishes their own wrap-up of the call they passed on.
     wrap_up = pb.CompleteInteractionRequest(agent_id=seller, interaction_id=iid, wrap_up_code="passed-on")
     assert platform.routing.CompleteInteraction(wrap_up).status == S.CONNECTED  # still with support
-    assert last_transition(seller) == T.COMPLETE_WRAP_UP
+    assert eventually(lambda: last_transition(seller) == T.COMPLETE_WRAP_UP, timeout_s=10)
     warm = pb.TransferRequest(agent_id=support, interaction_id=iid, to_agent_id=seller, warm=True)
+    seller_seen = len(seller_desk.offers)
     assert platform.routing.Transfer(warm).status == S.QUEUED
+    assert seller_desk.next_offer(seller_seen).interaction_id == iid
     assert last_transition(support) == T.CONNECT  # warm: still on the call while consulting
-    assert seller_desk.next_offer(len(seller_desk.offers)).interaction_id == iid
     assert seller_desk.decide("AcceptOffer", iid).status == S.CONNECTED
-    assert last_transition(support) == T.END  # handed over: now the support agent wraps up
+    handed_over = lambda: last_transition(support) == T.END  # noqa: E731
+    assert eventually(handed_over, timeout_s=10)  # now the support agent wraps up
 
 
 def test_escalation_goes_to_the_team_leader_or_the_escalation_queue(platform: Platform, desks: list[Desk]) -> None:
