@@ -6,22 +6,24 @@ optimistic-concurrency check and every read is a lookup by `_id`: FerretDB v1 on
 SQLite pushes down nothing else and would scan the whole collection otherwise.
 
 Group commit: callers `submit` writes and wait on a future; one committer thread
-takes everything queued and commits it together.  A commit is three writes, not
-three per event:
+takes everything queued and commits it together, in two writes however many
+events there are:
 
 1. an *intent* in `event_commits`, "<log>#<n>", holding every event of the batch
    (one binary `CommitBatch`): what the relay will publish, in order;
-2. the events themselves, `insert_many` (the concurrency check);
-3. a *mark* in `event_commit_marks` naming the events that were refused.
+2. the events themselves, `insert_many` (the concurrency check).
 
-There are no multi-document transactions (FerretDB v1), hence the intent and the
-mark: a crash between 1 and 3 leaves an intent without a mark, which the relay
-settles by looking up which of its events made it into the store.  No event is
-published that was not accepted, none accepted is left unpublished.
+The committer then hands the accepted events to the relay in memory, so in steady
+state the relay reads nothing back.  There are no multi-document transactions
+(FerretDB v1), hence the intent: after a crash, the intents the relay had not
+passed are settled from the store (an event of the intent that is in the store
+under its own event id was accepted, any other was not).  No event is published
+that was not accepted, none accepted is left unpublished.
 
-The relay reads the commit log in order from its saved position, again by `_id`
-only.  Each service writes its own log (one writer process per log; a second
-one is caught by the intent's `_id` and takes the next number).
+Each service writes its own log (one writer process per log; a second one is
+caught by the intent's `_id` and takes the next number).  The relay's position
+is saved at most every POSITION_EVERY_S: after a crash it resends from there,
+and consumers drop what they have seen (event id and sequence).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from collections import defaultdict, deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import mongoengine as me
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 _DUPLICATE_KEY = 11000
 MAX_BATCH_EVENTS = 1000
-SETTLE_AFTER = timedelta(seconds=30)  # an intent this old without a mark was left by a crash
+POSITION_EVERY_S = 1.0
 
 
 def event_key(aggregate_id: str, sequence: int) -> str:
@@ -136,7 +138,12 @@ class EventStore:
         self._ready = threading.Condition()
         self._thread: threading.Thread | None = None
         self._next: int | None = None  # next commit number; found in the log when unknown
+        self._doubtful: int | None = None  # an intent whose write failed: it may be in the log, empty
+        self._boundary: int | None = None  # first number this process commits; the ones before are read back
+        self._committed: dict[int, list[Unpublished]] = {}  # handed to the relay, in memory
+        self._handover = threading.Lock()
         self._published: int | None = None  # the relay's position in the log
+        self._position_saved_at = 0.0
 
     # ---- reading ----
 
@@ -219,7 +226,14 @@ class EventStore:
                 write.future.set_exception(exc)
             return
         outcome = self._insert_events(writes, docs)
-        self._write_mark(number, docs, outcome)
+        accepted = [
+            Unpublished(w.topic, d["envelope"], w.trace_headers, now)
+            for w, write_docs, refused in zip(writes, docs, outcome, strict=True)
+            if refused is None
+            for d in write_docs
+        ]
+        with self._handover:
+            self._committed[number] = accepted
         for write, refused in zip(writes, outcome, strict=True):
             if refused is None:
                 write.future.set_result(None)
@@ -236,7 +250,7 @@ class EventStore:
         )
         commits = _collection("event_commits")
         for _ in range(5):
-            number = self._next if self._next is not None else self._head()
+            number = self._next if self._next is not None else self._next_free()
             try:
                 commits.insert_one(
                     {"_id": commit_key(self.log_name, number), "batch": batch.SerializeToString(), "at": now}
@@ -245,11 +259,32 @@ class EventStore:
                 self._next = None
                 continue
             except Exception:
-                self._next = None  # the intent may or may not be there: look again next time
+                self._next, self._doubtful = None, number  # the intent may or may not be there
                 raise
             self._next = number + 1
             return number
         raise ConcurrencyConflict(f"commit log {self.log_name}: could not take a commit number")
+
+    def _next_free(self) -> int:
+        head = self._head()
+        with self._handover:
+            if self._boundary is None:
+                self._boundary = head
+            # A doubtful intent that did land has no events in the store: nothing to publish.
+            for number in range(max(self._doubtful or head, self._boundary), head):
+                self._committed.setdefault(number, [])
+        self._doubtful = None
+        return head
+
+    def _first_own_number(self) -> int:
+        with self._handover:
+            if self._boundary is not None:
+                return self._boundary
+        head = self._head()
+        with self._handover:
+            if self._boundary is None:
+                self._boundary = head
+            return self._boundary
 
     def _head(self) -> int:
         """The first free number in this log (no gaps: numbers are taken in order)."""
@@ -338,16 +373,6 @@ class EventStore:
         for doc in docs:
             _collection("event_store").delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
 
-    def _write_mark(self, number: int, docs: list[list[dict[str, Any]]], outcome: list[Exception | None]) -> None:
-        flat = [(d, refused) for write, refused in zip(docs, outcome, strict=True) for d in write]
-        rejected = [index for index, (_, refused) in enumerate(flat) if refused is not None]
-        try:
-            _collection("event_commit_marks").insert_one(
-                {"_id": commit_key(self.log_name, number), "rejected": rejected}
-            )
-        except Exception:  # the events are stored; the relay settles the intent after SETTLE_AFTER
-            log.exception("commit %d of %s has no mark yet; the relay will settle it", number, self.log_name)
-
     # ---- the relay's side ----
 
     def _position(self) -> int:
@@ -355,53 +380,51 @@ class EventStore:
         return int(doc["position"]) if doc else 0
 
     def unpublished(self, limit: int) -> tuple[list[Unpublished], int]:
-        """Accepted events after the relay's position, in commit order, and the position after them."""
+        """Accepted events after the relay's position, in commit order, and the position after them.
+
+        Commits of this process come from memory; older ones (a previous process's,
+        up to a crash) are read back from the log and settled from the store."""
         if self._published is None:
             self._published = self._position()
-        commits, marks = _collection("event_commits"), _collection("event_commit_marks")
+        boundary = self._first_own_number()
         events: list[Unpublished] = []
         position = self._published
         while len(events) < limit:
-            key = commit_key(self.log_name, position + 1)
-            intent = commits.find_one({"_id": key})
-            if intent is None:
-                break
-            mark = marks.find_one({"_id": key})
-            batch = CommitBatch.FromString(intent["batch"])
-            if mark is None:
-                at = intent["at"] if intent["at"].tzinfo else intent["at"].replace(tzinfo=UTC)
-                if datetime.now(UTC) - at < SETTLE_AFTER:
-                    break  # the writer is between its writes: wait for it, order matters
-                mark = self._settle_intent(key, batch)
-            rejected = set(mark["rejected"])
-            recorded_at = intent["at"] if intent["at"].tzinfo else intent["at"].replace(tzinfo=UTC)
-            events += [
-                Unpublished(e.topic, e.envelope, dict(e.trace_headers), recorded_at)
-                for index, e in enumerate(batch.events)
-                if index not in rejected
-            ]
-            position += 1
+            number = position + 1
+            if number >= boundary:
+                with self._handover:
+                    committed = self._committed.pop(number, None)
+                if committed is None:
+                    break  # not committed yet: order matters, wait for it
+                events += committed
+            else:
+                intent = _collection("event_commits").find_one({"_id": commit_key(self.log_name, number)})
+                if intent is None:
+                    break  # cannot happen without a gap; wait rather than skip
+                events += self._settle_intent(intent)
+            position = number
         return events, position
 
-    def _settle_intent(self, key: str, batch: CommitBatch) -> dict[str, Any]:
+    def _settle_intent(self, intent: dict[str, Any]) -> list[Unpublished]:
+        at = intent["at"] if intent["at"].tzinfo else intent["at"].replace(tzinfo=UTC)
+        batch = CommitBatch.FromString(intent["batch"])
         envelopes = [EventEnvelope.FromString(e.envelope) for e in batch.events]
         docs = [{"_id": event_key(env.aggregate_id, env.sequence), "event_id": env.event_id} for env in envelopes]
         missing = self._missing(docs)
-        mark = {"_id": key, "rejected": [i for i, d in enumerate(docs) if d["_id"] in missing], "settled": True}
-        try:
-            _collection("event_commit_marks").insert_one(mark)
-        except DuplicateKeyError:  # the writer got there after all
-            found = _collection("event_commit_marks").find_one({"_id": key})
-            return found if found else mark
-        log.warning(
-            "settled commit %s left by a crash: %d of %d events accepted", key, len(docs) - len(missing), len(docs)
-        )
-        return mark
+        if missing:
+            log.warning("commit %s: %d of %d events were not accepted", intent["_id"], len(missing), len(docs))
+        return [
+            Unpublished(e.topic, e.envelope, dict(e.trace_headers), at)
+            for e, d in zip(batch.events, docs, strict=True)
+            if d["_id"] not in missing
+        ]
 
-    def mark_published(self, position: int) -> None:
-        if position != self._published:
+    def mark_published(self, position: int, force: bool = False) -> None:
+        """Remember the relay's position; saved at most every POSITION_EVERY_S unless forced."""
+        self._published = position
+        if force or time.monotonic() - self._position_saved_at >= POSITION_EVERY_S:
             _collection("event_relay").update_one({"_id": self.log_name}, {"$set": {"position": position}}, upsert=True)
-            self._published = position
+            self._position_saved_at = time.monotonic()
 
 
 class _Unknown(Exception):

@@ -145,6 +145,7 @@ class OutboxRelay:
         self._thread.join(timeout=15)
         try:
             self.drain_once()  # publish what the last requests accepted, if the broker is there
+            self._store.mark_published(self._store.unpublished(0)[1], force=True)
         except Exception:
             log.exception("outbox relay stopped with events still unpublished; they go out at next start")
         if self._producer is not None:
