@@ -45,5 +45,5 @@ def mongo(settings: Settings) -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        client.drop_database(settings.mongo_db)
+        kernel_mongo.drop_databases(client, settings)
         kernel_mongo.disconnect()

@@ -51,7 +51,18 @@ class Settings:
 
     @property
     def mongo_db(self) -> str:
+        """Read models."""
         return self.namespace
+
+    @property
+    def events_db(self) -> str:
+        """The event store and its commit log: a database of their own, because FerretDB's
+        SQLite backend keeps one file, with one write lock, per database."""
+        return f"{self.namespace}_events"
+
+    @property
+    def databases(self) -> tuple[str, str]:
+        return self.mongo_db, self.events_db
 
     def topic(self, department: str) -> str:
         """The event topic of a department; records are keyed by aggregate id."""

@@ -75,6 +75,7 @@ class StoredEvent(me.Document):
 
     meta: dict[str, Any] = {
         "collection": "event_store",
+        "db_alias": "events",  # services.kernel.mongo.EVENTS_ALIAS
         "auto_create_index": False,
         # For a real MongoDB: a router folding its whole topic at start-up.
         "indexes": [{"fields": ["topic", "aggregate_id", "sequence"]}],

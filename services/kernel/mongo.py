@@ -17,11 +17,13 @@ from pymongo.monitoring import CommandStartedEvent
 
 from services.kernel.config import Settings
 
+EVENTS_ALIAS = "events"
+
 
 def connect(settings: Settings) -> MongoClient:
     # Indexes are created explicitly by `ensure_indexes()` at start-up, not on first
     # use, so a slow index build never hides inside a request.
-    return mongoengine.connect(
+    client = mongoengine.connect(
         db=settings.mongo_db,
         host=settings.mongo_url,
         alias="default",
@@ -29,9 +31,25 @@ def connect(settings: Settings) -> MongoClient:
         tz_aware=True,
         serverSelectionTimeoutMS=5000,
     )
+    # Same server, same client (mongoengine shares it for one host), the event store's database.
+    mongoengine.register_connection(
+        EVENTS_ALIAS,
+        db=settings.events_db,
+        host=settings.mongo_url,
+        uuidRepresentation="standard",
+        tz_aware=True,
+        serverSelectionTimeoutMS=5000,
+    )
+    return client
+
+
+def drop_databases(client: MongoClient, settings: Settings) -> None:
+    for name in settings.databases:
+        client.drop_database(name)
 
 
 def disconnect() -> None:
+    mongoengine.disconnect(alias=EVENTS_ALIAS)
     mongoengine.disconnect(alias="default")
 
 

@@ -101,7 +101,7 @@ def agents(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> I
         channel.close()
         server.stop()
         service.worker.stop()
-        client.drop_database(settings.mongo_db)
+        kernel_mongo.drop_databases(client, settings)
         kernel_mongo.disconnect()
 
 
@@ -155,5 +155,5 @@ def platform(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
         routing_channel.close()
         running.routing_server.stop()
         agents_server.stop()
-        client.drop_database(settings.mongo_db)
+        kernel_mongo.drop_databases(client, settings)
         kernel_mongo.disconnect()

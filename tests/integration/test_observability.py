@@ -181,7 +181,7 @@ def platform(
         finally:
             server.stop()
             worker.stop()
-            mongoengine.connection.get_connection().drop_database(settings.mongo_db)
+            kernel_mongo.drop_databases(mongoengine.connection.get_connection(), settings)
             kernel_mongo.disconnect()
 
 
@@ -396,7 +396,8 @@ def test_services_run_on_when_no_dashboard_is_there(exporter: str, stack: dict[s
         stop_s = time.monotonic() - stopping
         client: MongoClient[dict[str, Any]] = MongoClient(settings.mongo_url)
         with client:
-            client.drop_database(settings.mongo_db)
+            for name in settings.databases:
+                client.drop_database(name)
     latencies.sort()
     median_ms, max_ms = latencies[10] * 1000, latencies[-1] * 1000
     print(f"\nno dashboard ({exporter}): median {median_ms:.1f} ms, max {max_ms:.1f} ms, stopped in {stop_s:.1f}s")

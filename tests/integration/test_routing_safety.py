@@ -148,6 +148,12 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
                 offered = False
         assert Counter(kinds)["OfferAccepted"] == 1 and kinds[-1] == "InteractionCompleted", kinds
 
+    # Agents follow their interactions once each step is durable: wait until all have caught up.
+    def agents_done() -> bool:
+        return all(agents_domain.replay(a, [e for _, e in event_log(a, AGENT_EVENTS)]).work == () for a in agents)
+
+    eventually(agents_done, timeout_s=30, interval_s=0.5)
+
     # Every agent: replaying its history never exceeds a channel's capacity or mixes voice with chats.
     connected_by: Counter[str] = Counter()
     for agent_id in agents:
