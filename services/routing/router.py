@@ -444,7 +444,11 @@ class Router:
         """An offer recorded but never reserved (a crash in between): reserve, or put it back."""
         iid, agent_id = interaction.interaction_id, interaction.agent_id
         self._unconfirmed.add(iid)
-        self._agents.reserve(agent_id, iid, interaction.channel, lambda outcome: self._reserved(iid, agent_id, outcome))
+        recorded: Future[None] = Future()
+        recorded.set_result(None)
+        self._agents.reserve(
+            agent_id, iid, interaction.channel, lambda outcome: self._reserved(iid, agent_id, recorded, outcome)
+        )
         return 1
 
     def standing_offers(self, agent_id: str) -> list[pb.Offer]:
@@ -516,32 +520,40 @@ class Router:
             return sum(1 for m in matches if self._offer(m.interaction_id, m.agent_id, m.step))
 
     def _offer(self, iid: str, agent_id: str, step: int) -> bool:
-        """Offer: recorded first; once durable, the agent is reserved; once reserved, announced."""
+        """Offer: recorded and reserved at once, announced once both hold.
+
+        Reserving before the offer is durable saves a round trip; an agent reserved
+        for an offer that then failed to be written is released (REJECT_OFFER), and
+        the agents service refuses any reservation beyond capacity anyway."""
         interaction = self._open[iid]
         now = self._clock()
         deadline = now.timestamp() + self._queues[interaction.queue_id].offer_timeout_s
         events = domain.offer(interaction, agent_id, datetime.fromtimestamp(deadline, UTC), step)
-        channel = interaction.channel
-
-        def reserve() -> None:
-            self._agents.reserve(agent_id, iid, channel, lambda outcome: self._reserved(iid, agent_id, outcome))
-
-        self._save(interaction, events, then=reserve)
+        _, written = self._save(interaction, events)
+        reservation = self._agents.send(agent_id, Transition.RESERVE, iid, channel=interaction.channel)
         self._unconfirmed.add(iid)
-        self._pending[agent_id][iid] = channel
+        self._pending[agent_id][iid] = interaction.channel
         self._last_offer_at[agent_id] = now.timestamp()
+        written.add_done_callback(
+            lambda _: reservation.add_done_callback(lambda _: self._reserved(iid, agent_id, written, reservation))
+        )
         return True
 
-    def _reserved(self, iid: str, agent_id: str, outcome: Outcome) -> None:
+    def _reserved(self, iid: str, agent_id: str, written: Future[None], outcome: Outcome) -> None:
         with self._lock:
             self._unconfirmed.discard(iid)
+            if written.exception() is not None:  # the offer was not recorded: undo the reservation
+                self._pending[agent_id].pop(iid, None)
+                if outcome.exception() is None:
+                    self._move_agent(agent_id, iid, Transition.REJECT_OFFER)
+                return
             interaction = self._all.get(iid)
             standing = interaction is not None and interaction.status == S.OFFERED and interaction.agent_id == agent_id
             if outcome.exception() is None:
                 if standing and interaction is not None:
                     self._bus.publish(agent_id, self._offer_message(interaction))
                 return  # else withdrawn meanwhile: its release follows the reservation in order
-            log.warning("reservation of %s for %s refused: %s", agent_id, iid, outcome.exception())
+            log.info("reservation of %s for %s refused: %s", agent_id, iid, outcome.exception())
             self._cooldown[agent_id] = self._clock().timestamp() + REFUSAL_COOLDOWN_S
             self._pending[agent_id].pop(iid, None)
             if standing and interaction is not None:
