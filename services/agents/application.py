@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -65,9 +66,9 @@ class AgentsApplication:
         while another is offered): a lost race is decided again on the fresh state.
         `stamp_now`: the change happens when it is decided (no time given by the caller)."""
         for attempt in range(AGENT_WRITE_ATTEMPTS):
-            if stamp_now:
-                command = replace(command, at=self._clock())
             agent = self._agent(command.agent_id)
+            if stamp_now:  # stamped after reading: later than any change the read includes
+                command = replace(command, at=self._clock())
             events = domain.change_state(command, agent, self._clock())
             try:
                 return self._agents.save(command.agent_id, agent.version, events, meta, occurred_at=command.at)
@@ -77,36 +78,67 @@ class AgentsApplication:
         raise AssertionError("unreachable")
 
     def change_states(self, commands: Sequence[tuple[domain.ChangeState, Metadata, bool]]) -> list[Changed]:
-        """Several changes, each decided in order on the state the earlier ones left,
-        written in one group commit.  Per change: its envelopes, or why it was refused."""
-        decided: list[Changed | tuple[list[EventEnvelope], Future[None]]] = []
-        for command, meta, stamp_now in commands:
-            command = replace(command, at=self._clock()) if stamp_now else command
-            agent = self._agent(command.agent_id)
-            try:
-                events = domain.change_state(command, agent, self._clock())
-            except DomainError as refused:
-                decided.append(refused)
-                continue
-            decided.append(self._agents.submit(command.agent_id, agent.version, events, meta, occurred_at=command.at))
-        return [self._settle(outcome, commands[i]) for i, outcome in enumerate(decided)]
+        """Several changes, decided in order; per change, its envelopes or why it was refused.
 
-    def _settle(
+        Each agent's changes are decided one after the other on the state the earlier
+        ones leave, and written as one append: one write per agent, all agents in one
+        group commit.  An agent whose append loses a race has its changes decided
+        again, one by one, on the fresh state."""
+        outcomes: list[Changed | None] = [None] * len(commands)
+        by_agent: dict[str, list[int]] = defaultdict(list)
+        for index, (command, _, _) in enumerate(commands):
+            by_agent[command.agent_id].append(index)
+        writes = [
+            (indexes, *self._decide_for(agent_id, indexes, commands, outcomes))
+            for agent_id, indexes in by_agent.items()
+        ]
+        for indexes, accepted, envelopes, written in writes:
+            try:
+                written.result()
+            except ConcurrencyConflict:  # decided on a stale state: refusals too
+                for index in indexes:
+                    outcomes[index] = self._change_alone(commands[index])
+                continue
+            for index, count in accepted.items():
+                outcomes[index], envelopes = envelopes[:count], envelopes[count:]
+        assert all(outcome is not None for outcome in outcomes)  # every change accepted or refused
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _decide_for(
         self,
-        outcome: Changed | tuple[list[EventEnvelope], Future[None]],
-        command: tuple[domain.ChangeState, Metadata, bool],
-    ) -> Changed:
-        if not isinstance(outcome, tuple):
-            return outcome
-        envelopes, written = outcome
-        try:
-            written.result()
-            return envelopes
-        except ConcurrencyConflict:
-            try:  # lost a race with another writer: decide again on the fresh state
-                return self.change_state(*command)
+        agent_id: str,
+        indexes: list[int],
+        commands: Sequence[tuple[domain.ChangeState, Metadata, bool]],
+        outcomes: list[Changed | None],
+    ) -> tuple[dict[int, int], list[EventEnvelope], Future[None]]:
+        agent = self._agent(agent_id)  # read before stamping, as in change_state
+        version = agent.version
+        events: list[Message] = []
+        metas: list[Metadata] = []
+        times: list[datetime] = []
+        accepted: dict[int, int] = {}  # command index -> how many events it made
+        for index in indexes:
+            command, meta, stamp_now = commands[index]
+            command = replace(command, at=self._clock()) if stamp_now else command
+            try:
+                made = domain.change_state(command, agent, self._clock())
             except DomainError as refused:
-                return refused
+                outcomes[index] = refused
+                continue
+            for event in made:
+                agent = domain.apply(agent, event, command.at)
+            events += made
+            metas += [meta] * len(made)
+            times += [command.at] * len(made)
+            accepted[index] = len(made)
+        envelopes, written = self._agents.submit(agent_id, version, events, metas, times)
+        return accepted, envelopes, written
+
+    def _change_alone(self, command: tuple[domain.ChangeState, Metadata, bool]) -> Changed:
+        try:
+            return self.change_state(*command)
+        except DomainError as refused:
+            return refused
 
     def schedule_shift(self, command: domain.ScheduleShift, meta: Metadata) -> list[EventEnvelope]:
         agent = self._agent(command.agent_id)

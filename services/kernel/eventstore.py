@@ -308,32 +308,33 @@ class EventStore:
         """Insert every write's events; per write, None or why it was refused.
 
         Each aggregate's first event goes first, alone: it decides the race for the
-        aggregate, and only the winner's following events are inserted after it."""
+        aggregate, and only the winner's following events are inserted after it.
+        Documents are told apart by identity: two writes may carry the same key."""
         chains: dict[str, list[int]] = defaultdict(list)
         for index, write in enumerate(writes):
             chains[write.aggregate_id].append(index)
         heads = [docs[chain[0]][0] for chain in chains.values()]
         try:
             refused = self._insert(heads)
-            rest = [d for c in chains.values() if docs[c[0]][0]["_id"] not in refused for i in c for d in docs[i]]
-            first = {d["_id"] for d in heads}
-            refused |= self._insert([d for d in rest if d["_id"] not in first])
+            rest = [d for c in chains.values() if id(docs[c[0]][0]) not in refused for i in c for d in docs[i]]
+            first = {id(d) for d in heads}
+            refused |= self._insert([d for d in rest if id(d) not in first])
         except _Unknown:
             refused = self._settle(docs)  # an outage mid-insert: find out what landed
         outcome: list[Exception | None] = [None] * len(writes)
         for chain in chains.values():
-            failed_from = next((k for k, i in enumerate(chain) if any(d["_id"] in refused for d in docs[i])), None)
+            failed_from = next((k for k, i in enumerate(chain) if any(id(d) in refused for d in docs[i])), None)
             if failed_from is None:
                 continue
             for i in chain[failed_from:]:  # a refused write, and every later one building on it
                 outcome[i] = ConcurrencyConflict(f"aggregate {writes[i].aggregate_id} changed concurrently")
-                self._take_back([d for d in docs[i] if d["_id"] not in refused])
+                self._take_back([d for d in docs[i] if id(d) not in refused])
         return outcome
 
     @staticmethod
-    def _insert(docs: list[dict[str, Any]]) -> set[str]:
-        """insert_many; returns the keys refused as taken.  Any other failure leaves
-        the outcome unknown (_Unknown)."""
+    def _insert(docs: list[dict[str, Any]]) -> set[int]:
+        """insert_many; returns the identities of the documents refused because their
+        key is taken.  Any other failure leaves the outcome unknown (_Unknown)."""
         if not docs:
             return set()
         try:
@@ -342,12 +343,12 @@ class EventStore:
             errors = exc.details.get("writeErrors", [])
             if any(error.get("code") != _DUPLICATE_KEY for error in errors):
                 raise _Unknown from exc
-            return {docs[error["index"]]["_id"] for error in errors}
+            return {id(docs[error["index"]]) for error in errors}
         except Exception as exc:
             raise _Unknown from exc
         return set()
 
-    def _settle(self, docs: list[list[dict[str, Any]]]) -> set[str]:
+    def _settle(self, docs: list[list[dict[str, Any]]]) -> set[int]:
         """Which of these documents are not in the store as ours; waits out an outage."""
         delay = 0.2
         while True:
@@ -359,13 +360,14 @@ class EventStore:
                 delay = min(delay * 2, 5.0)
 
     @staticmethod
-    def _missing(docs: list[dict[str, Any]]) -> set[str]:
+    def _missing(docs: list[dict[str, Any]]) -> set[int]:
+        """Identities of the documents whose key is free or holds another event."""
         events = _collection("event_store")
         missing = set()
         for doc in docs:
             found = events.find_one({"_id": doc["_id"]}, {"event_id": 1})
             if found is None or found["event_id"] != doc["event_id"]:
-                missing.add(doc["_id"])
+                missing.add(id(doc))
         return missing
 
     @staticmethod
@@ -417,7 +419,7 @@ class EventStore:
         return [
             Unpublished(e.topic, e.envelope, dict(e.trace_headers), at)
             for e, d in zip(batch.events, docs, strict=True)
-            if d["_id"] not in missing
+            if id(d) not in missing
         ]
 
     def mark_published(self, position: int, force: bool = False) -> None:

@@ -12,7 +12,6 @@ from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
 
 from services.kernel.envelope import EventRegistry, Metadata, wrap
-from services.kernel.errors import ConcurrencyConflict
 from services.kernel.eventstore import EventStore
 from services.kernel.telemetry import current_trace_headers
 
@@ -68,18 +67,14 @@ class Repository:
         aggregate_id: str,
         version: int,
         events: Sequence[Message],
-        meta: Metadata,
-        occurred_at: datetime | None = None,
+        meta: Metadata | Sequence[Metadata],
+        occurred_at: datetime | Sequence[datetime | None] | None = None,
     ) -> list[EventEnvelope]:
         """Append `events` after `version` and wait until durable; ConcurrencyConflict if
         the aggregate moved on.  `occurred_at` is the business time (e.g. a CTI timestamp); default now.
         """
         envelopes, future = self.submit(aggregate_id, version, events, meta, occurred_at)
-        try:
-            future.result()
-        except ConcurrencyConflict:
-            self._forget(aggregate_id)
-            raise
+        future.result()
         return envelopes
 
     def submit(
@@ -87,14 +82,19 @@ class Repository:
         aggregate_id: str,
         version: int,
         events: Sequence[Message],
-        meta: Metadata,
-        occurred_at: datetime | None = None,
+        meta: Metadata | Sequence[Metadata],
+        occurred_at: datetime | Sequence[datetime | None] | None = None,
     ) -> tuple[list[EventEnvelope], Future[None]]:
-        """Queue the events for the next group commit without waiting.
+        """Queue the events for the next group commit without waiting; `meta` and
+        `occurred_at` may be given per event.
 
-        The cached history runs ahead at once, so the next decision on this aggregate
-        can build on it; a write that builds on one still in flight fails if that one
-        does (the store never leaves a gap), and the cache is then dropped."""
+        The cached history only ever holds committed events, so a decision read from
+        it never builds on a write that may still fail.  A caller that keeps its own
+        state ahead of the store (the router) may write again before the last write
+        is durable: a write made on the version another write in flight leads to
+        fails if that one does, so the store never holds a gap."""
+        metas = [meta] * len(events) if isinstance(meta, Metadata) else list(meta)
+        times = list(occurred_at) if isinstance(occurred_at, Sequence) else [occurred_at] * len(events)
         envelopes = [
             wrap(
                 event,
@@ -102,38 +102,39 @@ class Repository:
                 aggregate_type=self._aggregate_type,
                 aggregate_id=aggregate_id,
                 sequence=version + offset,
-                meta=meta,
-                occurred_at=occurred_at,
+                meta=metas[offset - 1],
+                occurred_at=times[offset - 1],
             )
             for offset, event in enumerate(events, start=1)
         ]
+        done: Future[None] = Future()
         if not envelopes:
-            done: Future[None] = Future()
             done.set_result(None)
             return envelopes, done
         with self._lock:
             tail = self._tails.get(aggregate_id)
             after = tail[1] if tail is not None and tail[0] == version else None
-            future = self._store.submit(self._topic, envelopes, current_trace_headers(), after)
-            self._tails[aggregate_id] = (version + len(envelopes), future)
+            stored = self._store.submit(self._topic, envelopes, current_trace_headers(), after)
+            self._tails[aggregate_id] = (version + len(envelopes), done)
+        stored.add_done_callback(lambda f: self._settled(aggregate_id, version, envelopes, f, done))
+        return envelopes, done
+
+    def _settled(
+        self, aggregate_id: str, version: int, envelopes: list[EventEnvelope], stored: Future[None], done: Future[None]
+    ) -> None:
+        # The cache is brought up to date before the caller wakes: its next read sees the write.
+        failure = stored.exception()
+        with self._lock:
+            tail = self._tails.get(aggregate_id)
+            if tail is not None and tail[1] is done:
+                del self._tails[aggregate_id]
             cached = self._cache.get(aggregate_id)
-            if cached is not None and len(cached) == version:
+            if failure is None and cached is not None and len(cached) == version:
                 self._remember(aggregate_id, cached + [self._decoded(e) for e in envelopes])
             else:
                 self._cache.pop(aggregate_id, None)
-        future.add_done_callback(lambda f: self._settled(aggregate_id, f))
-        return envelopes, future
-
-    def _settled(self, aggregate_id: str, future: Future[None]) -> None:
-        with self._lock:
-            tail = self._tails.get(aggregate_id)
-            if tail is not None and tail[1] is future:
-                del self._tails[aggregate_id]
-        if future.exception() is not None:
-            self._forget(aggregate_id)
-        else:
+        if failure is None:
             self._on_saved()
-
-    def _forget(self, aggregate_id: str) -> None:
-        with self._lock:
-            self._cache.pop(aggregate_id, None)
+            done.set_result(None)
+        else:
+            done.set_exception(failure)

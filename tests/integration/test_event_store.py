@@ -143,3 +143,26 @@ def test_a_write_building_on_a_refused_one_is_refused_too(repository: Repository
     with pytest.raises(ConcurrencyConflict):
         second.result(timeout=10)
     assert [e.name for e in repository.load("a1")] == ["winner"]  # type: ignore[attr-defined]
+
+
+def test_of_racing_writes_on_one_version_exactly_one_lands(repository: Repository) -> None:
+    store = eventstore.EventStore()
+    for round_ in range(5):
+        aggregate = f"contested-{round_}"
+        # Submitted back to back, most of them share one group commit: the race is decided inside it.
+        futures = [repository.submit(aggregate, 0, [registered(aggregate, f"writer {n}")], META)[1] for n in range(20)]
+        landed = []
+        for n, future in enumerate(futures):
+            try:
+                future.result(timeout=10)
+                landed.append(n)
+            except ConcurrencyConflict:
+                pass
+        assert len(landed) == 1
+        [stored] = repository.load(aggregate)
+        assert stored.name == f"writer {landed[0]}"  # type: ignore[attr-defined]
+    events, _ = store.unpublished(10_000)
+    contested = [EventEnvelope.FromString(e.envelope) for e in events]
+    assert sorted(e.aggregate_id for e in contested if e.aggregate_id.startswith("contested")) == [
+        f"contested-{n}" for n in range(5)
+    ]  # the relay publishes only the winners
