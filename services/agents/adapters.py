@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,12 +80,40 @@ def _apply_once(document: type[me.Document], key: str, sequence: int, fields: di
 
 
 def save_agent_view(view: View, event_id: str, trace_id: str, registered_at: datetime | None = None) -> bool:
+    """Write the view after one event (its version); False if the document had seen it."""
+    return save_agent_views(view, [view["version"]], event_id, trace_id, registered_at) > 0
+
+
+def save_agent_views(
+    view: View, sequences: Sequence[int], event_id: str, trace_id: str, registered_at: datetime | None = None
+) -> int:
+    """Write the view folded from the events `sequences` (ascending, the last one the view's
+    version; `event_id` and `trace_id` are the last one's) in one update, unless the document
+    has seen them all.  `events_applied` grows by how many of them the document had not
+    seen, so a replay cut into other batches (a crash between this write and the Faust
+    table's update) counts every event once.  Returns that number (0: already applied).
+    """
     # events_applied is incremented by the same update; setting it too would conflict.
     fields = {k: v for k, v in view.items() if k not in ("agent_id", "events_applied")}
     fields.update(last_event_id=event_id, trace_id=trace_id, projected_at=datetime.now(UTC))
     if registered_at:
         fields["registered_at"] = registered_at
-    return _apply_once(AgentDocument, view["agent_id"], view["version"], fields, inc__events_applied=1)
+    key, first, last = view["agent_id"], sequences[0], sequences[-1]
+    if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(sequences)):
+        return len(sequences)  # the usual case: the document had seen none of them
+    while True:  # it has seen some: a replay overlapping what an earlier batch wrote
+        document = AgentDocument.objects(pk=key).only("version").first()
+        if document is None:  # gone meanwhile (a rebuild): start it again
+            if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(sequences)):
+                return len(sequences)
+            continue
+        seen = document.version
+        if seen >= last:
+            return 0
+        new = sum(1 for sequence in sequences if sequence > seen)
+        update = {f"set__{name}": value for name, value in fields.items()}
+        if AgentDocument.objects(pk=key, version=seen).update_one(inc__events_applied=new, **update):
+            return new
 
 
 def save_team_view(team_id: str, sequence: int, event_id: str, **fields: Any) -> bool:

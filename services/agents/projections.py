@@ -1,16 +1,19 @@
 """Agents projections: agent and team events -> `agents_view` and `teams_view`.
 
 One Faust agent reads the department topic (keyed by aggregate id, so each
-agent's events arrive in order on one partition) and folds every event into its
-read model with `state_view.evolve`.  Each write is conditional on the event's
-sequence, so redeliveries and replays change nothing.
+agent's events arrive in order on one partition) in batches, folds every event
+into its agent's view with `state_view.evolve` and writes each agent's document
+once per batch.  Each write is conditional on the events' sequences, so
+redeliveries and replays change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC
+from collections.abc import Callable, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import faust
@@ -19,10 +22,10 @@ from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
 
 from services.agents import state_view
-from services.agents.adapters import TeamDocument, load_agent_view, save_agent_view, save_team_view
+from services.agents.adapters import TeamDocument, load_agent_view, save_agent_view, save_agent_views, save_team_view
 from services.agents.events import REGISTRY, TEAM
 from services.kernel.config import Settings
-from services.kernel.faust_app import envelope_agent
+from services.kernel.faust_app import Record, envelope_batch_agent
 from services.kernel.telemetry import trace_id_hex
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,102 @@ def projector(tz: ZoneInfo):  # type: ignore[no-untyped-def]
     return project
 
 
+# A batch: up to this many records, gathered for up to this long (also the most a quiet
+# topic's event waits before it is projected).
+BATCH_MAX_RECORDS = 500
+BATCH_WITHIN_S = 0.05
+
+
+@dataclass
+class AgentBatch:
+    """One agent's events of a batch, folded: the view after them and what its write records."""
+
+    view: state_view.View
+    records: list[Record] = field(default_factory=list)  # the events applied, in order
+    registered_at: datetime | None = None
+
+    @property
+    def last(self) -> Record:
+        return self.records[-1]
+
+
+def fold_agents(
+    records: Iterable[Record], working: Callable[[str], state_view.View], tz: ZoneInfo
+) -> dict[str, AgentBatch]:
+    """Fold the agent events of a batch per agent, in order, from each agent's working view
+    (`working(agent_id)`); agents whose events were all seen already are left out."""
+    batches: dict[str, AgentBatch] = {}
+    for record in records:
+        envelope, event = record.envelope, record.payload
+        assert event is not None  # decoded by the kernel
+        key = envelope.aggregate_id
+        batch = batches.get(key)
+        after = next_view(batch.view if batch else working(key), envelope, event, tz)
+        if after is None:
+            continue
+        if batch is None:
+            batch = batches[key] = AgentBatch(after)
+        batch.view = after
+        batch.records.append(record)
+        if isinstance(event, pb.AgentRegistered):
+            batch.registered_at = envelope.occurred_at.ToDatetime(tzinfo=UTC)
+    return batches
+
+
+def write_batch(teams: Sequence[Record], agents: Mapping[str, AgentBatch]) -> int:
+    """The batch's MongoDB writes (blocking): each team event on its own, one conditional
+    update per agent, inside the CONSUMER span of the last event it applies.  Returns the
+    number of events newly applied to `agents_view`."""
+    for record in teams:
+        with record.current():
+            project_team(record.envelope, record.payload)  # type: ignore[arg-type]  # decoded by the kernel
+    applied = 0
+    for batch in agents.values():
+        last = batch.last
+        with last.current():
+            sequences = [record.envelope.sequence for record in batch.records]
+            applied += save_agent_views(
+                batch.view, sequences, last.envelope.event_id, trace_id_hex(last.span), batch.registered_at
+            )
+    return applied
+
+
+def load_views(records: Iterable[Record]) -> dict[str, state_view.View]:
+    """The stored views of the agents of `records`, for a working state that has none (blocking);
+    each is read inside the CONSUMER span of the agent's first event."""
+    firsts: dict[str, Record] = {}
+    for record in records:
+        firsts.setdefault(record.envelope.aggregate_id, record)
+    loaded = {}
+    for key, record in firsts.items():
+        with record.current():
+            view = load_agent_view(key)
+        if view is not None:
+            loaded[key] = view
+    return loaded
+
+
+def project_batch(records: Sequence[Record], state: MutableMapping[str, state_view.View], tz: ZoneInfo) -> int:
+    """Apply a batch of decoded events to the read models with `state` as the working
+    state, synchronously, as the Faust agent does: used by tools and tests.  Returns how
+    many agent documents it wrote to (once each, conditionally)."""
+    teams, agents = split(records)
+    loaded = load_views(record for record in agents if record.envelope.aggregate_id not in state)
+    batches = fold_agents(agents, lambda key: state.get(key) or loaded.get(key) or state_view.new_view(key), tz)
+    write_batch(teams, batches)
+    for key, batch in batches.items():
+        state[key] = batch.view  # after MongoDB: a crash in between replays to the same result
+    return len(batches)
+
+
+def split(records: Iterable[Record]) -> tuple[list[Record], list[Record]]:
+    teams: list[Record] = []
+    agents: list[Record] = []
+    for record in records:
+        (teams if record.envelope.aggregate_type == TEAM else agents).append(record)
+    return teams, agents
+
+
 def source_topics(settings: Settings) -> list[str]:
     return [settings.topic("agents")]
 
@@ -84,21 +183,28 @@ def source_topics(settings: Settings) -> list[str]:
 def register(app: faust.App, settings: Settings) -> None:
     """The projection keeps each agent's view in a changelogged Faust table (its working
     state: no database read per event, and co-partitioned with the topic, since both are
-    keyed by agent id) and writes every new version to MongoDB for queries."""
+    keyed by agent id) and writes each agent's latest version to MongoDB once per batch,
+    for queries."""
     tz = settings.zone
     table = app.Table("agent-state")
 
-    async def project(envelope: EventEnvelope) -> None:
-        event = REGISTRY.decode(envelope)
-        if envelope.aggregate_type == TEAM:
-            await asyncio.to_thread(project_team, envelope, event)
-            return
-        key = envelope.aggregate_id
-        view = table.get(key) or await asyncio.to_thread(load_agent_view, key) or state_view.new_view(key)
-        after = next_view(view, envelope, event, tz)
-        if after is None:
-            return
-        await asyncio.to_thread(save, after, envelope, event, trace_id_hex())
-        table[key] = after  # after MongoDB: a crash in between replays to the same result
+    async def project(records: Sequence[Record]) -> None:
+        teams, agents = split(records)
+        missing = [record for record in agents if record.envelope.aggregate_id not in table]
+        loaded = await asyncio.to_thread(load_views, missing) if missing else {}
+        batches = fold_agents(agents, lambda key: table.get(key) or loaded.get(key) or state_view.new_view(key), tz)
+        if teams or batches:
+            await asyncio.to_thread(write_batch, teams, batches)
+        for key, batch in batches.items():
+            with batch.last.current():  # the changelog goes to the partition of the agent's events
+                table[key] = batch.view  # after MongoDB: a crash in between replays to the same result
 
-    envelope_agent(app, settings.topic("agents"), name="agents-view", handle=project)
+    envelope_batch_agent(
+        app,
+        settings.topic("agents"),
+        name="agents-view",
+        decode=REGISTRY.decode,
+        handle=project,
+        max_records=BATCH_MAX_RECORDS,
+        within_s=BATCH_WITHIN_S,
+    )
