@@ -4,11 +4,13 @@
 `services.routing.server`) as `__main__`, after wrapping a few methods of the
 event store, the router, the agents application and the Kafka feed with timers.
 Nothing in `services/` is changed: the wrappers are installed on the classes in
-this process only.  At exit every timed call, as (start, duration, extra) on the
-system-wide monotonic clock, is pickled to `BENCH_TIMINGS_OUT`, so the bench can
-cut the figures by load step.  With `BENCH_SAMPLE_HZ` set, a sampler thread also
-records every thread's stack that often (a poor man's py-spy) into
-`BENCH_SAMPLES_OUT`, as collapsed stacks per thread name.
+this process only, and a method that is not there (the platform changed) is skipped,
+so the bench still runs and that timer is simply missing from the report.  At exit
+every timed call, as (start, duration, extra) on the system-wide monotonic clock,
+is pickled to `BENCH_TIMINGS_OUT`, so the bench can cut the figures by load step.
+With `BENCH_SAMPLE_HZ` set, a sampler thread also records every thread's stack that
+often (a poor man's py-spy) into `BENCH_SAMPLES_OUT`, as collapsed stacks per thread
+name.
 
 The overhead is two clock reads and one list append per timed call (about a
 microsecond, against calls that take milliseconds).
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 Record = tuple[float, float, float]  # start (monotonic), duration (s), extra (e.g. events loaded)
+COMMIT = "eventstore group commit (intent + inserts)"  # extra: events written
 RECORDS: dict[str, list[Record]] = {}
 SAMPLES: Counter[tuple[str, str]] = Counter()  # (thread group, collapsed stack) -> samples
 
@@ -37,9 +40,18 @@ def _slot(name: str) -> list[Record]:
     return RECORDS.setdefault(name, [])
 
 
-def timed(owner: Any, attr: str, name: str, extra: Callable[[Any], float] | None = None) -> None:
-    """Replace `owner.attr` with a wrapper that records every call under `name`."""
-    original = getattr(owner, attr)
+def timed(
+    owner: Any,
+    attr: str,
+    name: str,
+    extra: Callable[[Any], float] | None = None,
+    extra_of_args: Callable[..., float] | None = None,
+) -> bool:
+    """Replace `owner.attr` with a wrapper that records every call under `name`; `extra` reads
+    a figure off the result, `extra_of_args` off the arguments.  False if there is no such method."""
+    original = getattr(owner, attr, None)
+    if original is None:
+        return False
     records = _slot(name)
     failures = _slot(name + " (raised)")
 
@@ -51,10 +63,12 @@ def timed(owner: Any, attr: str, name: str, extra: Callable[[Any], float] | None
         except BaseException:
             failures.append((start, time.monotonic() - start, 0.0))
             raise
-        records.append((start, time.monotonic() - start, float(extra(result)) if extra else 0.0))
+        figure = extra(result) if extra else extra_of_args(*args, **kwargs) if extra_of_args else 0.0
+        records.append((start, time.monotonic() - start, float(figure)))
         return result
 
     setattr(owner, attr, wrapper)
+    return True
 
 
 class TimedLock:
@@ -105,10 +119,18 @@ def _number(result: Any) -> float:
     return float(result) if isinstance(result, int | float) else 0.0
 
 
+def _events_in(_store: Any, writes: Any, *_: Any) -> float:
+    return float(sum(len(write.envelopes) for write in writes))
+
+
 def instrument_common() -> None:
     from services.kernel import eventstore, outbox
 
     timed(eventstore.EventStore, "append", "eventstore.append (insert_many)")
+    # The group commit (one thread writes many requests' events at once), where there is one.
+    timed(eventstore.EventStore, "_commit_writes", COMMIT, extra_of_args=_events_in)
+    timed(eventstore.EventStore, "_write_intent", "eventstore group commit: intent insert", extra_of_args=_events_in)
+    timed(eventstore.EventStore, "_insert_events", "eventstore group commit: event inserts", extra_of_args=_events_in)
     timed(eventstore.EventStore, "load", "eventstore.load (one aggregate's history)", _size)
     timed(eventstore.EventStore, "unpublished", "outbox: find unpublished", _size)
     timed(eventstore.EventStore, "mark_published", "outbox: mark published")
@@ -125,6 +147,12 @@ def instrument_routing() -> None:
     from services.routing import agent_feed, agents_port, api, offers, router
 
     timed(agents_port.AgentsPort, "change", "agents gRPC ChangeState (client side)")
+    timed(
+        agents_port.AgentsPort,
+        "_send_batch",
+        "agents gRPC ChangeStates batch (client side)",
+        extra_of_args=lambda _port, batch, *_: float(len(batch)),
+    )
     timed(router.Router, "create", "router.create")
     timed(router.Router, "accept", "router.accept")
     timed(router.Router, "end", "router.end")
@@ -163,7 +191,9 @@ def instrument_agents() -> None:
     from services.agents import api, application, domain
 
     timed(api.AgentsServicer, "ChangeState", "grpc handler ChangeState")
+    timed(api.AgentsServicer, "ChangeStates", "grpc handler ChangeStates (batch)")
     timed(application.AgentsApplication, "change_state", "agents.change_state (load, decide, append)")
+    timed(application.AgentsApplication, "change_states", "agents.change_states (batch)", _size)
     timed(application.AgentsApplication, "_agent", "agents: load + replay agent", lambda a: float(a.version))
     timed(domain, "replay", "agents: domain.replay (fold)")
 
