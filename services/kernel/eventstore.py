@@ -395,8 +395,8 @@ class EventStore:
         while len(events) < limit:
             number = position + 1
             if number >= boundary:
-                with self._handover:
-                    committed = self._committed.pop(number, None)
+                with self._handover:  # kept until marked published: a failed send goes again
+                    committed = self._committed.get(number)
                 if committed is None:
                     break  # not committed yet: order matters, wait for it
                 events += committed
@@ -424,6 +424,9 @@ class EventStore:
 
     def mark_published(self, position: int, force: bool = False) -> None:
         """Remember the relay's position; saved at most every POSITION_EVERY_S unless forced."""
+        with self._handover:
+            for number in range((self._published or 0) + 1, position + 1):
+                self._committed.pop(number, None)
         self._published = position
         if force or time.monotonic() - self._position_saved_at >= POSITION_EVERY_S:
             _collection("event_relay").update_one({"_id": self.log_name}, {"$set": {"position": position}}, upsert=True)

@@ -76,6 +76,24 @@ def test_events_accepted_during_a_broker_outage_are_published_when_it_returns(
     assert keys == [b"a1", b"a2"]
 
 
+def test_a_relay_that_failed_to_publish_sends_the_same_events_again(mongo: Settings) -> None:
+    store = eventstore.EventStore()  # one store, as in a service: the relay reads its commits from memory
+    repository = Repository(store, REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
+    dead_broker = f"127.0.0.1:{free_port()}"
+    repository.save("b1", 0, [registered("b1")], META)
+    with pytest.raises(NoBrokersAvailable):
+        OutboxRelay(store, lambda: kafka.make_producer(dead_broker, "test")).drain_once()
+
+    def producer():  # type: ignore[no-untyped-def]
+        kafka.ensure_topics(mongo.kafka_bootstrap, [mongo.topic("agents")])
+        return kafka.make_producer(mongo.kafka_bootstrap, "test")
+
+    repository.save("b2", 0, [registered("b2")], META)
+    assert OutboxRelay(store, producer).drain_once() == 2
+    keys = sorted(r.key for r in read_topic(mongo.kafka_bootstrap, mongo.topic("agents"), expected=2))
+    assert keys == [b"b1", b"b2"]
+
+
 def test_projecting_the_same_event_twice_changes_nothing(repository: Repository) -> None:
     [envelope] = repository.save("a1", 0, [registered("a1")], META)
     project = projector(ZoneInfo("UTC"))
