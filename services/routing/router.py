@@ -88,6 +88,7 @@ class Router:
         self._open: dict[str, Interaction] = {}  # the ones still in play: routing passes look at these only
         self._stale: set[str] = set()  # a write failed: reload from the store
         self._unconfirmed: set[str] = set()  # offered, the agent's reservation not yet confirmed
+        self._announced: set[str] = set()  # offered, reserved and put on the agent's stream by this process
         self._journey: dict[str, tuple[str, dict[str, str]]] = {}  # correlation id, W3C headers
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)  # agent -> reserved, not yet in the feed
         self._cooldown: dict[str, float] = {}
@@ -191,6 +192,8 @@ class Router:
             self._open[interaction.interaction_id] = interaction
         else:
             self._open.pop(interaction.interaction_id, None)
+        if interaction.status != S.OFFERED:
+            self._announced.discard(interaction.interaction_id)
 
     def _reload_stale(self) -> None:
         with self._lock:
@@ -452,11 +455,18 @@ class Router:
         return 1
 
     def standing_offers(self, agent_id: str) -> list[pb.Offer]:
+        """Offers standing for the agent, for a desktop that (re)connects: only those the agent
+        is known to hold (announced by this process, or reserved as the agent feed shows;
+        after a crash, `reconcile` reserves the others again and announces them then)."""
+        view = self._feed.views().get(agent_id)
+        held = {w["interaction_id"] for w in view["work"]} if view else set()
         with self._lock:
             return [
                 self._offer_message(i)
                 for i in self._open.values()
-                if i.status == S.OFFERED and i.agent_id == agent_id and i.interaction_id not in self._unconfirmed
+                if i.status == S.OFFERED
+                and i.agent_id == agent_id
+                and (i.interaction_id in self._announced or i.interaction_id in held)
             ]
 
     # ---- routing ----
@@ -551,6 +561,7 @@ class Router:
             standing = interaction is not None and interaction.status == S.OFFERED and interaction.agent_id == agent_id
             if outcome.exception() is None:
                 if standing and interaction is not None:
+                    self._announced.add(iid)
                     self._bus.publish(agent_id, self._offer_message(interaction))
                 return  # else withdrawn meanwhile: its release follows the reservation in order
             log.info("reservation of %s for %s refused: %s", agent_id, iid, outcome.exception())
