@@ -18,8 +18,9 @@ from centralino.v1.agents_pb2 import Transition as T
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.agents.adapters import AgentDocument, TeamDocument
+from services.agents.events import team_stream
 from services.agents.rebuild import rebuild
-from services.kernel.eventstore import EventStore
+from services.kernel.eventstore import EventStore, StoredEvent
 from tests.helpers import eventually
 from tests.integration.conftest import AgentsService
 
@@ -308,10 +309,12 @@ def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service:
         return docs
 
     def settled() -> dict[str, dict[str, Any]] | None:
-        # Caught up: every document at its agent's last event (the worker folds in batches).
+        # Caught up: a document for every agent, each at its agent's last event (the worker folds in batches).
         docs = snapshot()
         store = EventStore()
-        caught_up = docs and all(doc["version"] == len(store.load(agent_id)) for agent_id, doc in docs.items())
+        stored = StoredEvent.objects(topic=service.settings.topic("agents")).distinct("aggregate_id")
+        agents = {aggregate for aggregate in stored if not aggregate.startswith(team_stream(""))}
+        caught_up = set(docs) == agents and all(doc["version"] == len(store.load(a)) for a, doc in docs.items())
         return docs if caught_up else None
 
     before = eventually(settled)
@@ -320,7 +323,20 @@ def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service:
     rebuild(service.settings)
     assert AgentDocument.objects.count() == 0
     service.restart_worker()
-    eventually(lambda: snapshot() == before, timeout_s=90)
+    try:
+        eventually(lambda: snapshot() == before, timeout_s=90)
+    except AssertionError:
+        after = snapshot()
+        differs = {
+            agent_id: {
+                field: (doc.get(field), after.get(agent_id, {}).get(field))
+                for field in set(doc) | set(after.get(agent_id, {}))
+                if doc.get(field) != after.get(agent_id, {}).get(field)
+            }
+            for agent_id, doc in before.items()
+            if doc != after.get(agent_id)
+        }
+        raise AssertionError(f"the replayed read model differs (before, after): {differs}") from None
     assert [t.to_mongo().to_dict() for t in TeamDocument.objects.order_by("team_id")] == teams_before
 
 
