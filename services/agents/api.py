@@ -10,6 +10,7 @@ from typing import Any, cast
 import grpc
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1 import agents_pb2_grpc
+from centralino.v1.envelope_pb2 import EventEnvelope
 
 from services.agents import domain
 from services.agents.application import AgentsApplication, Clock
@@ -66,6 +67,13 @@ def to_schedule_command(request: pb.ScheduleShiftRequest) -> domain.ScheduleShif
             Activity(a.start.ToDatetime(tzinfo=UTC), a.end.ToDatetime(tzinfo=UTC), a.productive, a.reason)
             for a in request.activities
         ),
+    )
+
+
+def to_change_response(envelope: EventEnvelope) -> pb.ChangeStateResponse:
+    event = pb.AgentStateChanged.FromString(envelope.payload)
+    return pb.ChangeStateResponse(
+        agent_id=envelope.aggregate_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id
     )
 
 
@@ -139,10 +147,7 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
             command = to_change_command(request, self._clock())
             stamp_now = not request.HasField("at")
             [envelope] = self._app.change_state(command, metadata_for(request.correlation_id), stamp_now)
-            event = pb.AgentStateChanged.FromString(envelope.payload)
-            return pb.ChangeStateResponse(
-                agent_id=request.agent_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id
-            )
+            return to_change_response(envelope)
 
     def ChangeStates(self, request: pb.ChangeStatesRequest, context: grpc.ServicerContext) -> pb.ChangeStatesResponse:
         now = self._clock()
@@ -151,17 +156,13 @@ class AgentsServicer(agents_pb2_grpc.AgentsServiceServicer):
             for change in request.changes
         ]
         results = []
-        for change, outcome in zip(request.changes, self._app.change_states(commands), strict=True):
+        for outcome in self._app.change_states(commands):  # one per change, in order
             if isinstance(outcome, DomainError):
                 name = status_for(outcome).name
                 results.append(pb.ChangeStateResult(refused_code=name, refused_message=str(outcome)))
                 continue
             [envelope] = outcome
-            event = pb.AgentStateChanged.FromString(envelope.payload)
-            accepted = pb.ChangeStateResponse(
-                agent_id=change.agent_id, state=event.state, version=envelope.sequence, event_id=envelope.event_id
-            )
-            results.append(pb.ChangeStateResult(accepted=accepted))
+            results.append(pb.ChangeStateResult(accepted=to_change_response(envelope)))
         return pb.ChangeStatesResponse(results=results)
 
     def ScheduleShift(

@@ -9,19 +9,13 @@ decides.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 
 import grpc
 from centralino.v1 import agents_pb2, agents_pb2_grpc
-from centralino.v1.agents_pb2 import Transition
 
-log = logging.getLogger(__name__)
-
-REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
 MAX_BATCH = 500
 
 
@@ -68,9 +62,6 @@ class AgentsPort:
     ) -> agents_pb2.ChangeStateResponse:
         """One step, in order after every step queued before it, waiting for its outcome."""
         return self.send(agent_id, transition, interaction_id, channel, wrap_up_code).result()
-
-    def reserve(self, agent_id: str, interaction_id: str, channel: int, then: Callable[[Outcome], None]) -> None:
-        self.send(agent_id, Transition.RESERVE, interaction_id, channel=channel).add_done_callback(then)
 
     def stop(self) -> None:
         with self._ready:

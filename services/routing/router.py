@@ -377,7 +377,7 @@ class Router:
         self._wait(written)
         return interaction
 
-    def _move_agent(self, agent_id: str, iid: str, transition: int, wrap_up_code: str = "") -> bool:
+    def _move_agent(self, agent_id: str, iid: str, transition: int, wrap_up_code: str = "") -> None:
         """Queue the agent's step (in order after every step queued before); refusals are logged."""
         if transition == Transition.END:
             self._moving[agent_id] = self._clock().timestamp()
@@ -388,7 +388,6 @@ class Router:
                 log.warning("agent %s did not follow %s on %s: %s", agent_id, name, iid, outcome.exception())
 
         self._agents.send(agent_id, transition, iid, wrap_up_code=wrap_up_code).add_done_callback(check)
-        return True
 
     # ---- recovery: bring agents in line with the interactions ----
 
@@ -432,16 +431,17 @@ class Router:
         current = "connected" if phase == "held" else phase
         if target is None:  # not this agent's any more (withdrawn, transferred, re-offered, ...)
             if current == "reserved":
-                return int(self._move_agent(agent_id, iid, Transition.REJECT_OFFER))
-            # A crash between a cold transfer and the agent's END: end it. Wrap-up stays the agent's own.
-            return int(current == "connected" and self._move_agent(agent_id, iid, Transition.END))
+                self._move_agent(agent_id, iid, Transition.REJECT_OFFER)
+                return 1
+            if current == "connected":  # a crash between a cold transfer and the agent's END: end it
+                self._move_agent(agent_id, iid, Transition.END)
+                return 1
+            return 0  # wrap-up stays the agent's own
         steps = {"connected": Transition.CONNECT, "wrap_up": Transition.END, "done": Transition.COMPLETE_WRAP_UP}
-        moved = 0
-        for next_phase in order[order.index(current) + 1 : order.index(target) + 1]:
-            if not self._move_agent(agent_id, iid, steps[next_phase], wrap_up_code="reconciled"):
-                break
-            moved += 1
-        return moved
+        missing = order[order.index(current) + 1 : order.index(target) + 1]
+        for next_phase in missing:  # queued in order: a refused step makes the ones after it refused too
+            self._move_agent(agent_id, iid, steps[next_phase], wrap_up_code="reconciled")
+        return len(missing)
 
     def _reserve_again(self, interaction: Interaction) -> int:
         """An offer recorded but never reserved (a crash in between): reserve, or put it back."""
@@ -449,9 +449,8 @@ class Router:
         self._unconfirmed.add(iid)
         recorded: Future[None] = Future()
         recorded.set_result(None)
-        self._agents.reserve(
-            agent_id, iid, interaction.channel, lambda outcome: self._reserved(iid, agent_id, recorded, outcome)
-        )
+        reservation = self._agents.send(agent_id, Transition.RESERVE, iid, channel=interaction.channel)
+        reservation.add_done_callback(lambda outcome: self._reserved(iid, agent_id, recorded, outcome))
         return 1
 
     def standing_offers(self, agent_id: str) -> list[pb.Offer]:
