@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import mongoengine
 from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
@@ -13,14 +15,15 @@ from opentelemetry.semconv.attributes.db_attributes import (
 )
 from opentelemetry.trace import Span
 from pymongo import MongoClient
-from pymongo.monitoring import CommandStartedEvent
+from pymongo.monitoring import CommandListener, CommandStartedEvent
 
 from services.kernel.config import Settings
 
 EVENTS_ALIAS = "events"
 
 
-def connect(settings: Settings) -> MongoClient:
+def connect(settings: Settings, event_listeners: Sequence[CommandListener] = ()) -> MongoClient:
+    """Both databases (read models, event store); `event_listeners` watch every command (tests count them)."""
     # Indexes are created explicitly by `ensure_indexes()` at start-up, not on first
     # use, so a slow index build never hides inside a request.
     client = mongoengine.connect(
@@ -30,6 +33,7 @@ def connect(settings: Settings) -> MongoClient:
         uuidRepresentation="standard",
         tz_aware=True,
         serverSelectionTimeoutMS=5000,
+        event_listeners=list(event_listeners),
     )
     # Same server, same client (mongoengine shares it for one host), the event store's database.
     mongoengine.register_connection(
@@ -39,6 +43,7 @@ def connect(settings: Settings) -> MongoClient:
         uuidRepresentation="standard",
         tz_aware=True,
         serverSelectionTimeoutMS=5000,
+        event_listeners=list(event_listeners),
     )
     return client
 

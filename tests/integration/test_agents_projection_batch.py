@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import mongoengine
 import pytest
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.agents_pb2 import Transition as T
@@ -21,6 +20,7 @@ from services.agents import adapters, state_view
 from services.agents.adapters import AgentDocument, TeamDocument
 from services.agents.events import AGENT, REGISTRY, TEAM, team_stream
 from services.agents.projections import next_view, project_batch, projector
+from services.kernel import mongo as kernel_mongo
 from services.kernel.config import Settings
 from services.kernel.envelope import Metadata, wrap
 from services.kernel.eventstore import EventStore
@@ -66,20 +66,13 @@ class Commands(monitoring.CommandListener):
 def commands(settings: Settings) -> Iterator[Commands]:
     """mongoengine on this test's own database, through a client whose commands are counted."""
     listener = Commands()
-    client = mongoengine.connect(
-        db=settings.mongo_db,
-        host=settings.mongo_url,
-        alias="default",
-        uuidRepresentation="standard",
-        tz_aware=True,
-        event_listeners=[listener],
-    )
+    client = kernel_mongo.connect(settings, event_listeners=[listener])
     adapters.ensure_indexes()
     try:
         yield listener
     finally:
-        client.drop_database(settings.mongo_db)
-        mongoengine.disconnect(alias="default")
+        kernel_mongo.drop_databases(client, settings)
+        kernel_mongo.disconnect()
 
 
 def agent_events(agent_id: str) -> list[Message]:
