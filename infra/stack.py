@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -71,6 +72,10 @@ KAFKA_VERSION = "3.9.2"
 SCALA_VERSION = "2.13"
 FERRETDB_VERSION = "v1.24.2"
 FERRETDB_MODULE = "github.com/FerretDB/FerretDB"
+# Patches applied to FerretDB's source before building it: infra/ferretdb/*.patch, in
+# order. v1 is no longer maintained upstream, and its SQLite backend scanned whole tables
+# for `_id` lookups and for `_id` beside other conditions; each patch says why it is safe.
+FERRETDB_PATCH_DIR = Path(__file__).resolve().parent / "ferretdb"
 ZIPKIN_VERSION = "3.5.1"
 
 HOST = "127.0.0.1"
@@ -227,8 +232,23 @@ def ensure_kafka() -> Path:
     return libs
 
 
-def ferretdb_path() -> Path:
-    return cache_dir() / f"ferretdb-{FERRETDB_VERSION}" / "ferretdb"
+def ferretdb_patches() -> list[Path]:
+    return sorted(FERRETDB_PATCH_DIR.glob("*.patch"))
+
+
+def ferretdb_build(patches: Sequence[Path]) -> str:
+    """The version built: FerretDB's, and a digest of the patches, so a changed patch rebuilds."""
+    if not patches:
+        return FERRETDB_VERSION
+    digest = hashlib.sha256()
+    for patch in patches:
+        digest.update(patch.name.encode() + b"\0" + patch.read_bytes())
+    return f"{FERRETDB_VERSION}-{digest.hexdigest()[:8]}"
+
+
+def ferretdb_path(patches: Sequence[Path] | None = None) -> Path:
+    build = ferretdb_build(ferretdb_patches() if patches is None else patches)
+    return cache_dir() / f"ferretdb-{build}" / "ferretdb"
 
 
 def _make_writable(root: Path) -> None:
@@ -240,9 +260,18 @@ def _make_writable(root: Path) -> None:
                 os.chmod(path, os.stat(path).st_mode | 0o600)
 
 
-def ensure_ferretdb() -> Path:
-    """Return the FerretDB binary, building it from its Go module if needed."""
-    binary = ferretdb_path()
+def _patch_ferretdb(src: Path, patches: Sequence[Path]) -> None:
+    git = _require("git")
+    for patch in patches:
+        # `git apply` outside a repository is a strict `patch`: all of it applies, or nothing.
+        _run([git, "apply", "-p1", str(patch)], what=f"git apply {patch.name} (FerretDB)", timeout=60, cwd=src)
+
+
+def ensure_ferretdb(patches: Sequence[Path] | None = None) -> Path:
+    """Return the FerretDB binary, building it from its Go module if needed, with our
+    patches (or those given: `()` builds FerretDB as released, for comparisons)."""
+    patches = ferretdb_patches() if patches is None else patches
+    binary = ferretdb_path(patches)
     if binary.is_file() and os.access(binary, os.X_OK):
         return binary
     go = _require("go")
@@ -250,7 +279,7 @@ def ensure_ferretdb() -> Path:
     home.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=home))
     try:
-        _say(f"building FerretDB {FERRETDB_VERSION} into {binary} (once, about a minute) ...")
+        _say(f"building FerretDB {ferretdb_build(patches)} into {binary} (once, about a minute) ...")
         env = dict(os.environ, GOWORK="off", GOFLAGS="")
         out = _run(
             [go, "mod", "download", "-json", f"{FERRETDB_MODULE}@{FERRETDB_VERSION}"],
@@ -268,6 +297,7 @@ def ensure_ferretdb() -> Path:
         src = work / "src"
         shutil.copytree(info["Dir"], src, symlinks=True)
         _make_writable(src)
+        _patch_ferretdb(src, patches)
         version_file = src / "build" / "version" / "version.txt"
         version_file.parent.mkdir(parents=True, exist_ok=True)
         version_file.write_text(FERRETDB_VERSION)
@@ -831,9 +861,10 @@ class FerretNode(_Node):
     name = "ferretdb"
     label = "FerretDB"
 
-    def __init__(self, data_dir: Path, port: int = DEFAULT_MONGO_PORT) -> None:
+    def __init__(self, data_dir: Path, port: int = DEFAULT_MONGO_PORT, patches: Sequence[Path] | None = None) -> None:
         super().__init__(data_dir)
         self.port = int(port)
+        self.patches = patches  # None: ours (infra/ferretdb); () as released
         self._binary: Path | None = None
 
     @property
@@ -859,7 +890,7 @@ class FerretNode(_Node):
         self.port = int(ports.get("FerretDB", self.port))
 
     def install(self) -> None:
-        self._binary = ensure_ferretdb()
+        self._binary = ensure_ferretdb(self.patches)
 
     def _prepare(self) -> None:
         self.install()

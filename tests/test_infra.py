@@ -108,3 +108,23 @@ def test_ephemeral_stack_without_docker(tmp_path: Path) -> None:
         assert host == "127.0.0.1" and int(port) not in (9092, 9093)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
+
+
+def test_ferretdb_patches_refuse_a_source_they_do_not_fit(tmp_path: Path) -> None:
+    """A FerretDB bump whose source moved must fail the build, not build it unpatched."""
+    target = tmp_path / "internal" / "backends" / "sqlite" / "metadata" / "metadata.go"
+    target.parent.mkdir(parents=True)
+    target.write_text("package metadata\n")
+
+    with pytest.raises(stack.StackError, match="0001-"):
+        stack._patch_ferretdb(tmp_path, stack.ferretdb_patches())
+
+
+def test_ferretdb_build_names_its_patches(tmp_path: Path) -> None:
+    patch = tmp_path / "0001-x.patch"
+    patch.write_text("one")
+    first = stack.ferretdb_build([patch])
+    patch.write_text("two")
+
+    assert stack.ferretdb_build(()) == stack.FERRETDB_VERSION
+    assert first.startswith(stack.FERRETDB_VERSION + "-") and stack.ferretdb_build([patch]) != first
