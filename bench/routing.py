@@ -220,6 +220,7 @@ def ratio(numerator: float | None, denominator: float) -> float | None:
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CLIENT = "bench client"
+TRACE_SINK = "trace sink (collector)"
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
@@ -905,6 +906,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     for step in steps:
         cpu = step["cpu_percent_of_one_core"]
         lines.append(f"| {step['target_rate']:g} | " + " | ".join(_fmt(cpu.get(label)) for label in labels) + " |")
+    telemetry = result.get("telemetry_received")
+    if telemetry:
+        spans = ", ".join(f"{service} {count}" for service, count in sorted(telemetry["spans"].items()))
+        lines += [
+            "",
+            f"Tracing on, exported over OTLP to `bench.trace_sink` (the {TRACE_SINK} column), which "
+            f"received {sum(telemetry['spans'].values())} spans in the whole run ({spans}) and "
+            f"{telemetry['metric_exports']} metric exports.",
+        ]
     if steps and "where_time_goes" in steps[0]:
         lines += [
             "",
@@ -1053,6 +1063,7 @@ class Platform:
         self.namespace = f"bench{uuid.uuid4().hex[:8]}"
         self.agents: list[str] = []
         self._services: list[ServiceProcess] = []
+        self.sink_out = tmp / "trace_sink.json"
 
     @contextmanager
     def up(self) -> Iterator[Platform]:
@@ -1068,8 +1079,16 @@ class Platform:
         with ephemeral_stack(self.tmp / "stack") as endpoints:
             state = self.tmp / "state"
             state.mkdir()
-            agents_port, routing_port = free_port(), free_port()
+            agents_port, routing_port, sink_port = free_port(), free_port(), free_port()
+            # Telemetry goes to a receiver, as it would to a collector (bench.trace_sink).
+            sink = ServiceProcess(
+                "bench.trace_sink",
+                {"PYTHONPATH": _pythonpath(), "BENCH_SINK_PORT": str(sink_port), "BENCH_SINK_OUT": str(self.sink_out)},
+                state / "trace_sink.log",
+            )
             env = {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true",
                 "KAFKA_BOOTSTRAP": endpoints["kafka_bootstrap"],
                 "MONGO_URL": endpoints["mongo_url"],
                 "CENTRALINO_NAMESPACE": self.namespace,
@@ -1092,6 +1111,7 @@ class Platform:
             # The agents projection (Faust) runs too: it shares the two cores with the rest.
             agents_worker = ServiceProcess("services.agents.worker", env, state / "worker.log")
             running = {
+                sink: TRACE_SINK,
                 agents_server: "agents server",
                 agents_worker: "agents projection",
                 routing_server: "routing server",
@@ -1232,6 +1252,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 client.stop()
             plat.check_alive()
             stored_events = plat.event_store_size()
+        telemetry = json.loads(plat.sink_out.read_text()) if plat.sink_out.is_file() else None
         steps = [step_metrics(client, window) for window in windows]
         timings = {name: load_timings(tmp / f"{name}.timings") for name in ("routing", "agents")}
         server_timings = {
@@ -1274,6 +1295,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 "interactions_total": sum(1 for i in client.items.values() if i.step >= -1),
             },
             "event_store_documents_at_end": stored_events,
+            "telemetry_received": telemetry,
             "server_timings": server_timings,
             "server_samples": {k: v for k, v in samples.items() if v},
         }

@@ -41,6 +41,9 @@ from typing import Any
 import mongoengine as me
 from centralino.v1.envelope_pb2 import CommitBatch, CommittedEvent, EventEnvelope
 from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.trace import SpanKind
 from pymongo.collection import Collection
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
@@ -62,6 +65,10 @@ def commit_key(log_name: str, number: int) -> str:
     return f"{log_name}#{number:015d}"
 
 
+EVENTS_COLLECTION = "event_store"
+TRACER_NAME = "centralino.eventstore"
+
+
 class StoredEvent(me.Document):
     key = me.StringField(primary_key=True)  # event_key(aggregate_id, sequence)
     event_id = me.StringField(required=True)
@@ -74,7 +81,7 @@ class StoredEvent(me.Document):
     recorded_at = me.DateTimeField(required=True)
 
     meta: dict[str, Any] = {
-        "collection": "event_store",
+        "collection": EVENTS_COLLECTION,
         "db_alias": "events",  # services.kernel.mongo.EVENTS_ALIAS
         "auto_create_index": False,
         # For a real MongoDB: a router folding its whole topic at start-up.
@@ -149,7 +156,7 @@ class EventStore:
     # ---- reading ----
 
     def load(self, aggregate_id: str) -> list[EventEnvelope]:
-        events = _collection("event_store")
+        events = _collection(EVENTS_COLLECTION)
         loaded: list[EventEnvelope] = []
         while doc := events.find_one({"_id": event_key(aggregate_id, len(loaded) + 1)}, {"envelope": 1}):
             loaded.append(EventEnvelope.FromString(doc["envelope"]))
@@ -210,12 +217,30 @@ class EventStore:
                 writes.append(write)
         if not writes:
             return
-        # One commit serves many requests; its database calls appear in the first one's trace.
-        token = otel_context.attach(writes[0].context)
-        try:
+        # One commit serves many requests: it is one span, in the first one's trace.  Its
+        # database calls are not traced one by one: a span each (two or more per commit,
+        # about 16 per interaction) cost about a tenth of the routing throughput.
+        with (
+            trace.get_tracer(TRACER_NAME).start_as_current_span(
+                f"insert {EVENTS_COLLECTION}",
+                context=writes[0].context,
+                kind=SpanKind.CLIENT,
+                attributes=self._span_attributes(writes),
+            ),
+            suppress_instrumentation(),
+        ):
             self._commit_writes(writes)
-        finally:
-            otel_context.detach(token)
+
+    def _span_attributes(self, writes: list[_Write]) -> dict[str, Any]:
+        return {
+            "db.system.name": "mongodb",
+            "db.operation.name": "insert",
+            "db.collection.name": EVENTS_COLLECTION,
+            "db.namespace": str(StoredEvent._get_db().name),
+            "centralino.commit.log": self.log_name,
+            "centralino.commit.writes": len(writes),
+            "centralino.commit.events": sum(len(w.envelopes) for w in writes),
+        }
 
     def _commit_writes(self, writes: list[_Write]) -> None:
         now = datetime.now(UTC)
@@ -338,7 +363,7 @@ class EventStore:
         if not docs:
             return set()
         try:
-            _collection("event_store").insert_many(docs, ordered=False)
+            _collection(EVENTS_COLLECTION).insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(error.get("code") != _DUPLICATE_KEY for error in errors):
@@ -362,7 +387,7 @@ class EventStore:
     @staticmethod
     def _missing(docs: list[dict[str, Any]]) -> set[int]:
         """Identities of the documents whose key is free or holds another event."""
-        events = _collection("event_store")
+        events = _collection(EVENTS_COLLECTION)
         missing = set()
         for doc in docs:
             found = events.find_one({"_id": doc["_id"]}, {"event_id": 1})
@@ -374,7 +399,7 @@ class EventStore:
     def _take_back(docs: list[dict[str, Any]]) -> None:
         # Our events after the point where another writer won: they must not stay.
         for doc in docs:
-            _collection("event_store").delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
+            _collection(EVENTS_COLLECTION).delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
 
     # ---- the relay's side ----
 

@@ -94,6 +94,7 @@ class Router:
         self._cooldown: dict[str, float] = {}
         self._moving: dict[str, float] = {}  # agent -> when the router decided their END
         self._last_offer_at: dict[str, float] = {}
+        self._as_agent: dict[str, tuple[int, Agent, dict[str, int]]] = {}  # agent -> (version, agent, skills)
         self._next_reconcile = 0.0
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -478,7 +479,7 @@ class Router:
                 continue
             if self._moving.get(agent_id, 0.0) > view["since"] and now - self._moving[agent_id] < MOVING_GRACE_S:
                 continue  # an END is on its way to the agent (after-call work): wait until the feed shows it
-            agent = state_view.as_agent(view)
+            agent, skills = self._folded(view)
             known = {w.interaction_id for w in agent.work}
             pending = self._pending.get(agent_id, {})
             for iid in [iid for iid in pending if iid in known]:
@@ -491,13 +492,23 @@ class Router:
             agents[agent_id] = agent
             candidates[agent_id] = Candidate(
                 agent_id=agent_id,
-                skills={s["name"]: s["proficiency"] for s in view["skills"]},
+                skills=skills,
                 channels=channels,
                 idle_since=view["since"] if view["state"] == AgentState.READY else now,
                 occupancy=self._occupancy(view, now),
                 last_offer_at=self._last_offer_at.get(agent_id, 0.0),
             )
         return candidates, agents
+
+    def _folded(self, view: state_view.View) -> tuple[Agent, dict[str, int]]:
+        """The view as the domain's Agent, and its skills: kept per view version, because a
+        routing pass runs on every change and most agents have not changed since the last."""
+        agent_id, version = view["agent_id"], view["version"]
+        kept = self._as_agent.get(agent_id)
+        if kept is None or kept[0] != version:
+            skills = {s["name"]: s["proficiency"] for s in view["skills"]}
+            kept = self._as_agent[agent_id] = (version, state_view.as_agent(view), skills)
+        return kept[1], kept[2]
 
     def _occupancy(self, view: state_view.View, now: float) -> float:
         if not self._needs_occupancy:  # closing the open intervals costs a deep copy per agent
@@ -513,6 +524,8 @@ class Router:
             if not waiting:
                 return 0
             candidates, agents = self._candidates(now)
+            if not candidates:
+                return 0  # every agent is full or away: nothing to plan
 
             def after_offer(candidate: Candidate, channel: int) -> Candidate | None:
                 agent = agents[candidate.agent_id]

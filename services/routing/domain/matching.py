@@ -82,6 +82,8 @@ def plan(
     busy = dict(in_progress or {})
     matches: list[Match] = []
     for interaction in in_order(waiting, queues, now):
+        if not pool:
+            break  # every agent is full: the rest wait (a long queue costs nothing more)
         queue = queues[interaction.queue_id]
         if queue.pacing_limit and busy.get(queue.queue_id, 0) >= queue.pacing_limit:
             continue
