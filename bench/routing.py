@@ -49,7 +49,9 @@ Knobs (environment):
   BENCH_CHAT_CAPACITY     chats per agent (8, the most the agents service allows)
   BENCH_SLOT_S            seconds of handling the slots cover at each rate (4)
   BENCH_DRAIN_S           how long a step may take to drain (20)
-  BENCH_WARMUP_S          warm-up before the first step (3)
+  BENCH_WARMUP_S          warm-up load before the first step (30 s at up to 20/s): the
+                          fresh Kafka broker spends its first minute JIT-compiling, about
+                          a quarter of a core that a running deployment does not pay
   BENCH_BUDGET_S          time budget of the load phase (150)
   BENCH_CLIENT_WORKERS    load generator processes (1: one loop holds 300/s at about a
                           third of a core)
@@ -129,7 +131,7 @@ class Config:
     chat_capacity: int = 8
     slot_s: float = 4.0
     drain_s: float = 20.0
-    warmup_s: float = 3.0
+    warmup_s: float = 30.0
     budget_s: float = 150.0
     workers: int = 1
     client_grpc_experiments: str = "-event_engine_client"
