@@ -15,6 +15,7 @@ from collections import defaultdict
 
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import EventEnvelope
+from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer
 
 from services.kernel.kafka import whole_topic_consumer
@@ -79,6 +80,14 @@ class TeamWatchHub:
                 log.warning("dropping a WatchTeam subscriber of team %s: backlog full", change.team_id)
                 self.unsubscribe(change.team_id, subscription)
 
+    def _deliver(self, value: bytes, where: str) -> None:
+        try:
+            envelope = EventEnvelope.FromString(value)
+            if envelope.event_type == STATE_CHANGED:
+                self._publish(to_change(envelope))
+        except DecodeError:  # never readable: skipping it beats reconnecting past live changes
+            log.warning("team watch skips record %s: not an agent state change it can read", where)
+
     def _consumer(self) -> KafkaConsumer:
         consumer, _, ends = whole_topic_consumer(self._bootstrap, self._topic)
         for partition, offset in ends.items():  # live changes only: from the current end
@@ -93,9 +102,7 @@ class TeamWatchHub:
                 while not self._stopping.is_set():
                     for records in consumer.poll(timeout_ms=200).values():
                         for record in records:
-                            envelope = EventEnvelope.FromString(record.value)
-                            if envelope.event_type == STATE_CHANGED:
-                                self._publish(to_change(envelope))
+                            self._deliver(record.value, f"{record.topic}-{record.partition}@{record.offset}")
                 consumer.close()
             except Exception:  # broker outage: keep the streams open, reconnect
                 log.exception("team watch lost Kafka; reconnecting")

@@ -16,12 +16,15 @@ from datetime import UTC
 from zoneinfo import ZoneInfo
 
 from centralino.v1.envelope_pb2 import EventEnvelope
+from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from services.agents import state_view
 from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
+from services.kernel.envelope import UnknownEventType
 from services.kernel.kafka import whole_topic_consumer
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,26 @@ class AgentFeed:
             self._views[envelope.aggregate_id] = state_view.evolve(view, event, at, envelope.sequence, self.tz)
         self._on_change(envelope.aggregate_id)
 
+    def _fold(self, record: ConsumerRecord) -> None:
+        """Fold one record; skip, with a warning, one no retry could ever read.
+
+        A record that is not an envelope, or an event type this router does not know yet
+        (the agents service upgraded first), must not stop routing: retrying it would
+        stall the feed for good, and the router never routes on a stale picture.  What
+        the router misses this way, reconcile and the agents service's own capacity check
+        still catch."""
+        try:
+            self.apply(EventEnvelope.FromString(record.value))
+        except (DecodeError, UnknownEventType) as problem:
+            log.warning(
+                "agent feed skips record %s-%d@%d: %s: %s",
+                record.topic,
+                record.partition,
+                record.offset,
+                type(problem).__name__,
+                problem,
+            )
+
     def _consumer(self) -> tuple[KafkaConsumer, dict[TopicPartition, int]]:
         consumer, beginnings, ends = whole_topic_consumer(self._bootstrap, self._topic)
         for partition, offset in beginnings.items():  # the whole history: every agent's state
@@ -86,7 +109,7 @@ class AgentFeed:
                 while not self._stopping.is_set():
                     for records in consumer.poll(timeout_ms=100).values():
                         for record in records:
-                            self.apply(EventEnvelope.FromString(record.value))
+                            self._fold(record)
                     if not self._caught_up.is_set() and all(consumer.position(p) >= end for p, end in ends.items()):
                         self._caught_up.set()
                 consumer.close()

@@ -13,7 +13,10 @@ import pytest
 from centralino.v1 import agents_pb2 as apb
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import Transition as T
+from centralino.v1.envelope_pb2 import EventEnvelope
+from kafka import KafkaProducer
 
+from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
 from services.routing.events import REGISTRY as ROUTING_EVENTS
 from tests.helpers import event_log, eventually
@@ -294,3 +297,34 @@ def test_escalation_goes_to_the_team_leader_or_the_escalation_queue(platform: Pl
     assert platform.routing.Escalate(to_queue).status == S.QUEUED
     [_, second] = [e for t, e in event_log(iid, ROUTING_EVENTS) if t == "routing.InteractionTransferred"]
     assert second.queue_id == "escalation.pl"
+
+
+def test_unreadable_agent_records_do_not_stop_routing_even_after_a_restart(
+    platform: Platform, team: str, desks: list[Desk]
+) -> None:
+    """A record that is not an envelope, and an event type from a newer agents service,
+    are skipped by the router's agent feed: before the fix, the feed retried them forever
+    and a restarted router never caught up, so it never offered anything again."""
+    from_the_future = EventEnvelope(
+        event_id=f"ev-{uuid.uuid4().hex}",
+        event_type="agents.AgentTeleported",
+        schema_version=1,
+        aggregate_id=f"ag-{uuid.uuid4().hex[:8]}",
+        aggregate_type=AGENT,
+        sequence=1,
+    )
+    producer = KafkaProducer(bootstrap_servers=platform.settings.kafka_bootstrap, acks="all")
+    try:
+        topic = platform.settings.topic("agents")
+        producer.send(topic, key=b"garbage", value=b"\xff\xfe not an envelope")
+        producer.send(topic, key=from_the_future.aggregate_id.encode(), value=from_the_future.SerializeToString())
+        producer.flush(timeout=10)
+    finally:
+        producer.close()
+    platform.restart_router()
+
+    agent = hire(platform, team, {"social_media": 5, "lang:it": 5}, {apb.CHAT: 1})
+    desk = Desk(platform, agent)
+    desks.append(desk)
+    iid = create(platform, "social_media", "it", apb.CHAT)
+    assert desk.next_offer().interaction_id == iid
