@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -184,3 +185,39 @@ def test_of_racing_writes_on_one_version_exactly_one_lands(repository: Repositor
     assert sorted(e.aggregate_id for e in contested if e.aggregate_id.startswith("contested")) == [
         f"contested-{n}" for n in range(5)
     ]  # the relay publishes only the winners
+
+
+def test_chained_writes_across_many_commits_never_leave_a_gap(repository: Repository, mongo: Settings) -> None:
+    """Chains of writes spread over many group commits, half of them on aggregates another
+    writer got to first: whatever the timing, the store holds no gap and agrees with what
+    every caller was told."""
+    other = Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
+    aggregates = [f"chain-{n}" for n in range(40)]
+    taken = set(aggregates[::2])
+    for aggregate in taken:  # another writer already holds version 1 of every other aggregate
+        other.save(aggregate, 0, [registered(aggregate, "winner")], META)
+    chains: dict[str, list[Future[None]]] = {a: [] for a in aggregates}
+    for link in range(5):  # interleaved, so the links of one chain land in different commits
+        for aggregate in aggregates:
+            _, written = repository.submit(aggregate, link, [registered(aggregate, f"link {link}")], META)
+            chains[aggregate].append(written)
+
+    for aggregate, futures in chains.items():
+        accepted = set()
+        for link, future in enumerate(futures):
+            try:
+                future.result(timeout=20)
+                accepted.add(f"link {link}")
+            except ConcurrencyConflict:
+                pass
+        stored = [event.name for event in eventstore_names(aggregate)]
+        assert eventstore._collection("event_store").count_documents({"aggregate_id": aggregate}) == len(stored)
+        assert set(stored) - {"winner"} == accepted, (aggregate, stored, accepted)
+        if aggregate in taken:
+            assert stored[0] == "winner" and "link 0" not in accepted
+        else:
+            assert stored == [f"link {n}" for n in range(5)]
+
+
+def eventstore_names(aggregate_id: str) -> list[Any]:
+    return [REGISTRY.decode(envelope) for envelope in eventstore.EventStore().load(aggregate_id)]
