@@ -16,6 +16,7 @@ from centralino.v1 import agents_pb2 as pb
 from centralino.v1.agents_pb2 import AgentState as S
 from centralino.v1.agents_pb2 import Transition as T
 from google.protobuf.timestamp_pb2 import Timestamp
+from kafka import KafkaProducer
 
 from services.agents.adapters import AgentDocument, TeamDocument
 from services.agents.events import team_stream
@@ -296,6 +297,27 @@ def test_watch_team_delivers_every_change_in_order(service: AgentsService) -> No
         assert versions == sorted(versions)
     [coaching] = [c for c in received if c.transition == T.GO_NOT_READY]
     assert (coaching.agent_id, coaching.reason) == ("watch-2", pb.COACHING)
+
+
+def test_watch_team_reads_past_a_record_it_cannot_read(service: AgentsService) -> None:
+    """Before, an unreadable record made the hub reconnect at the topic's end two seconds
+    later, and every change in between was lost to every watcher."""
+    service.create_team("t-watch-odd")
+    service.register("watch-odd", team_id="t-watch-odd")
+    stream = service.stub.WatchTeam(pb.WatchTeamRequest(team_id="t-watch-odd"), timeout=15)
+    stream.initial_metadata()
+    producer = KafkaProducer(bootstrap_servers=service.settings.kafka_bootstrap, acks="all")
+    try:
+        producer.send(service.settings.topic("agents"), key=b"odd", value=b"\xff\xfe not an envelope")
+        producer.flush(timeout=10)
+    finally:
+        producer.close()
+
+    service.change("watch-odd", T.LOG_IN)
+
+    change = next(iter(stream))
+    stream.cancel()
+    assert (change.agent_id, change.transition) == ("watch-odd", T.LOG_IN)
 
 
 # ---- rebuild ---------------------------------------------------------------------------------
