@@ -18,7 +18,7 @@ import faust.types
 from centralino.v1.envelope_pb2 import EventEnvelope
 from faust.streams import _current_event as _faust_current_event
 from faust.types import TP
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -97,7 +97,9 @@ def envelope_agent(app: faust.App, topic_name: str, name: str, handle: EnvelopeH
 
     async def consume(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            envelope = EventEnvelope.FromString(event.value)
+            envelope = _envelope(event)
+            if envelope is None:
+                continue
             message = event.message
             started = time.perf_counter()
             with tracer.start_as_current_span(
@@ -182,7 +184,9 @@ def envelope_batch_agent(
             records = []
             batch = {"messaging.batch.message_count": len(events)}
             for event in events:
-                envelope = EventEnvelope.FromString(event.value)
+                envelope = _envelope(event)
+                if envelope is None:
+                    continue
                 attributes = {**_process_attributes(common, envelope, event.message), **batch}
                 span = tracer.start_span(
                     f"process {topic_name}",
@@ -206,6 +210,17 @@ def envelope_batch_agent(
                     lag.processed(tp.topic, tp.partition, end, _highwater(app, tp))
 
     app.agent(topic, name=name)(consume)
+
+
+def _envelope(event: faust.EventT) -> EventEnvelope | None:
+    """The record's envelope; None, with a warning, for a record that is not one.  No
+    retry could ever read it, and retrying would stop the projection for good."""
+    try:
+        return EventEnvelope.FromString(event.value)
+    except DecodeError:
+        message = event.message
+        log.warning("skipping record %s-%d@%d: not an event envelope", message.topic, message.partition, message.offset)
+        return None
 
 
 def _consuming(

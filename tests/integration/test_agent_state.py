@@ -306,12 +306,7 @@ def test_watch_team_reads_past_a_record_it_cannot_read(service: AgentsService) -
     service.register("watch-odd", team_id="t-watch-odd")
     stream = service.stub.WatchTeam(pb.WatchTeamRequest(team_id="t-watch-odd"), timeout=15)
     stream.initial_metadata()
-    producer = KafkaProducer(bootstrap_servers=service.settings.kafka_bootstrap, acks="all")
-    try:
-        producer.send(service.settings.topic("agents"), key=b"odd", value=b"\xff\xfe not an envelope")
-        producer.flush(timeout=10)
-    finally:
-        producer.close()
+    not_an_envelope(service, key=b"watch-odd")  # the agent's partition, ahead of its next change
 
     service.change("watch-odd", T.LOG_IN)
 
@@ -320,10 +315,24 @@ def test_watch_team_reads_past_a_record_it_cannot_read(service: AgentsService) -
     assert (change.agent_id, change.transition) == ("watch-odd", T.LOG_IN)
 
 
+def not_an_envelope(service: AgentsService, key: bytes) -> None:
+    producer = KafkaProducer(bootstrap_servers=service.settings.kafka_bootstrap, acks="all")
+    try:
+        producer.send(service.settings.topic("agents"), key=key, value=b"\xff\xfe not an envelope")
+        producer.flush(timeout=10)
+    finally:
+        producer.close()
+
+
 # ---- rebuild ---------------------------------------------------------------------------------
 
 
 def test_dropping_the_read_model_and_replaying_gives_the_same_documents(service: AgentsService) -> None:
+    # A record that is not an envelope, among the agents' events, must not stop the replay.
+    service.register("replay-odd", team_id="t-milano", override_span_of_control=True)
+    not_an_envelope(service, key=b"replay-odd")
+    service.change("replay-odd", T.LOG_IN)
+
     def snapshot() -> dict[str, dict[str, Any]]:
         docs = {d.agent_id: d.to_mongo().to_dict() for d in AgentDocument.objects.order_by("agent_id")}
         for doc in docs.values():
