@@ -127,11 +127,21 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
             second = list(creators.map(create, ids[INTERACTIONS // 2 :]))
         assert len(first) + len(second) == INTERACTIONS
 
-        def all_completed() -> bool:
-            last = [event_log(iid, ROUTING_EVENTS)[-1][0] for iid in ids]
-            return all(kind == "routing.InteractionCompleted" for kind in last)
+        def stuck() -> dict[str, list[str]]:
+            logs = {iid: [kind.removeprefix("routing.") for kind, _ in event_log(iid, ROUTING_EVENTS)] for iid in ids}
+            return {iid: kinds for iid, kinds in logs.items() if kinds[-1] != "InteractionCompleted"}
 
-        eventually(all_completed, timeout_s=120, interval_s=1.0)
+        try:
+            eventually(lambda: not stuck(), timeout_s=120, interval_s=1.0)
+        except AssertionError:  # say which interactions, and how far each got, for whoever reads CI
+            left = stuck()
+            handled = {bot.agent_id: sorted(bot.handled & set(left)) for bot in bots}
+            steps = {a: [e for kind, e in event_log(a, AGENT_EVENTS) if kind.endswith("StateChanged")] for a in agents}
+            last_steps = {a: [T.Name(e.transition) for e in changes[-3:]] for a, changes in steps.items()}
+            raise AssertionError(
+                f"{len(left)} interactions never completed: {left}; the bots holding them: "
+                f"{ {agent: iids for agent, iids in handled.items() if iids} }; agents' last steps: {last_steps}"
+            ) from None
     finally:
         for bot in bots:
             bot.stop.set()
