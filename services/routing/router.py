@@ -373,7 +373,10 @@ class Router:
                 if also is not None:
                     self._move_agent(also[0], iid, also[1])
 
-            interaction, written = self._save(before, decide(before, agent_id), meta, then)
+            events = decide(before, agent_id)
+            if not events:  # a repeat of a step already taken: the agent moved (or reconcile moves it)
+                return before
+            interaction, written = self._save(before, events, meta, then)
             self._pending[agent_id].pop(iid, None)
         self._wait(written)
         return interaction

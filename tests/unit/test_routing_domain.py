@@ -187,6 +187,30 @@ def test_full_life_and_illegal_steps() -> None:
     assert missing.value.field == "wrap_up_code"
 
 
+def test_a_step_the_agent_already_took_is_a_no_op_for_that_agent_only() -> None:
+    """A desktop retries when a reply is lost (a router crash between the write and the
+    reply): the repeat changes nothing and is not an error.  Anyone else is refused."""
+    offer = lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0)  # noqa: E731
+    connected = run(created, offer, lambda i: domain.accept(i, "anna"))
+    assert domain.accept(connected, "anna") == []
+    with pytest.raises(PreconditionFailed):
+        domain.accept(connected, "marek")
+    wrapping = run(created, offer, lambda i: domain.accept(i, "anna"), lambda i: domain.end(i, "anna"))
+    assert domain.end(wrapping, "anna") == []
+    with pytest.raises(PreconditionFailed):
+        domain.accept(wrapping, "anna")  # a step back is still refused
+    done = run(
+        created,
+        offer,
+        lambda i: domain.accept(i, "anna"),
+        lambda i: domain.end(i, "anna"),
+        lambda i: domain.complete(i, "anna", "billing", "resolved"),
+    )
+    assert domain.complete(done, "anna", "billing", "resolved") == []
+    with pytest.raises(PreconditionFailed):
+        domain.complete(done, "marek", "billing", "resolved")
+
+
 def test_creating_twice_with_the_same_id_is_a_no_op() -> None:
     assert created(run(created)) == []
 

@@ -153,13 +153,23 @@ def end_offer(interaction: Interaction, agent_id: str, outcome: str) -> list[Mes
     return [OfferEnded(interaction_id=interaction.interaction_id, agent_id=agent_id, outcome=outcome)]
 
 
+def repeated(interaction: Interaction, agent_id: str, outcome: int) -> bool:
+    """The agent asks again for what it already got: its reply was lost (a timeout, a
+    router crash) and the desktop retries.  Nothing to do, and no error to show."""
+    return interaction.status == outcome and interaction.agent_id == agent_id
+
+
 def accept(interaction: Interaction, agent_id: str) -> list[Message]:
+    if repeated(interaction, agent_id, S.CONNECTED):
+        return []
     check_status(interaction, "accept", S.OFFERED)
     check_agent(interaction, agent_id, "accept")
     return [OfferAccepted(interaction_id=interaction.interaction_id, agent_id=agent_id)]
 
 
 def end(interaction: Interaction, agent_id: str) -> list[Message]:
+    if repeated(interaction, agent_id, S.WRAP_UP):
+        return []
     check_status(interaction, "end", S.CONNECTED)
     check_agent(interaction, agent_id, "end")
     return [InteractionEnded(interaction_id=interaction.interaction_id, agent_id=agent_id)]
@@ -170,6 +180,8 @@ def complete(interaction: Interaction, agent_id: str, wrap_up_code: str, disposi
         raise InvalidField("wrap_up_code", "is required (max 64 characters)")
     if len(disposition) > 64:
         raise InvalidField("disposition", "max 64 characters")
+    if repeated(interaction, agent_id, S.COMPLETED):
+        return []  # the first wrap-up code stands
     check_status(interaction, "complete", S.WRAP_UP)
     check_agent(interaction, agent_id, "complete")
     return [
