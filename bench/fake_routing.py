@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1 import routing_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 
 class FakeRouting(routing_pb2_grpc.RoutingServiceServicer):
@@ -76,6 +77,8 @@ class FakeRouting(routing_pb2_grpc.RoutingServiceServicer):
 async def serve(port: int) -> None:
     server = grpc.aio.server()
     routing_pb2_grpc.add_RoutingServiceServicer_to_server(FakeRouting(), server)  # type: ignore[no-untyped-call]
+    # The standard health check, as the real services serve it: the bench waits on it alike.
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()

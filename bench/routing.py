@@ -1075,7 +1075,7 @@ class Platform:
             fake = ServiceProcess("bench.fake_routing", env, self.tmp / "fake_routing.log")
             self.routing_target = f"127.0.0.1:{port}"
             with self._running({fake: "fake routing server"}):
-                _wait_serving(self.routing_target, fake)
+                fake.wait_healthy(self.routing_target)
                 yield self
             return
         with ephemeral_stack(self.tmp / "stack") as endpoints:
@@ -1159,22 +1159,6 @@ class Platform:
 
 def _pythonpath() -> str:
     return os.pathsep.join([str(ROOT), str(ROOT / "gen")])
-
-
-def _wait_serving(target: str, process: ServiceProcess, timeout_s: float = 30.0) -> None:
-    """Until the fake routing server answers (it serves no health service)."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = routing_pb2_grpc.RoutingServiceStub(channel)
-        while True:
-            process.check_alive()
-            try:
-                stub.GetQueueStats(pb.GetQueueStatsRequest(queue_id=QUEUE_ID), timeout=1)
-                return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
 
 
 def run_steps(cfg: Config, plat: Platform, client: Client, meter: CpuMeter) -> list[StepWindow]:
