@@ -17,7 +17,9 @@ from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
 
+from services.kernel.envelope import read_envelope
 from services.kernel.kafka import whole_topic_consumer
 
 log = logging.getLogger(__name__)
@@ -80,13 +82,15 @@ class TeamWatchHub:
                 log.warning("dropping a WatchTeam subscriber of team %s: backlog full", change.team_id)
                 self.unsubscribe(change.team_id, subscription)
 
-    def _deliver(self, value: bytes, where: str) -> None:
+    def _deliver(self, record: ConsumerRecord) -> None:
+        # Skipping a record no one can read beats reconnecting past live changes.
+        envelope = read_envelope(record.value, record.topic, record.partition, record.offset)
+        if envelope is None or envelope.event_type != STATE_CHANGED:
+            return
         try:
-            envelope = EventEnvelope.FromString(value)
-            if envelope.event_type == STATE_CHANGED:
-                self._publish(to_change(envelope))
-        except DecodeError:  # never readable: skipping it beats reconnecting past live changes
-            log.warning("team watch skips record %s: not an agent state change it can read", where)
+            self._publish(to_change(envelope))
+        except DecodeError:
+            log.warning("team watch skips event %s: not an agent state change it can read", envelope.event_id)
 
     def _consumer(self) -> KafkaConsumer:
         consumer, _, ends = whole_topic_consumer(self._bootstrap, self._topic)
@@ -102,7 +106,7 @@ class TeamWatchHub:
                 while not self._stopping.is_set():
                     for records in consumer.poll(timeout_ms=200).values():
                         for record in records:
-                            self._deliver(record.value, f"{record.topic}-{record.partition}@{record.offset}")
+                            self._deliver(record)
                 consumer.close()
             except Exception:  # broker outage: keep the streams open, reconnect
                 log.exception("team watch lost Kafka; reconnecting")

@@ -7,21 +7,36 @@ schema version is upcast, step by step, when it is read.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 # An upcaster turns the payload bytes of version N into those of version N+1.
 Upcaster = Callable[[bytes], bytes]
 
 
+log = logging.getLogger(__name__)
+
+
 class UnknownEventType(KeyError):
     pass
+
+
+def read_envelope(value: bytes, topic: str, partition: int, offset: int) -> EventEnvelope | None:
+    """A Kafka record's envelope; None, with a warning naming the record, for one that is
+    not an envelope.  No retry could ever read it, and a consumer retrying it would stop
+    for good (a router's agent feed, a projection, a team watch)."""
+    try:
+        return EventEnvelope.FromString(value)
+    except DecodeError:
+        log.warning("skipping record %s-%d@%d: not an event envelope", topic, partition, offset)
+        return None
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,13 @@ import faust.types
 from centralino.v1.envelope_pb2 import EventEnvelope
 from faust.streams import _current_event as _faust_current_event
 from faust.types import TP
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import logs, metrics
 from services.kernel.config import Settings
-from services.kernel.envelope import UnknownEventType
+from services.kernel.envelope import UnknownEventType, read_envelope
 from services.kernel.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def envelope_agent(app: faust.App, topic_name: str, name: str, handle: EnvelopeH
 
     async def consume(stream: faust.StreamT) -> None:
         async for event in stream.events():
-            envelope = _envelope(event)
+            envelope = read_envelope(event.value, *_place(event))
             if envelope is None:
                 continue
             message = event.message
@@ -184,7 +184,7 @@ def envelope_batch_agent(
             records = []
             batch = {"messaging.batch.message_count": len(events)}
             for event in events:
-                envelope = _envelope(event)
+                envelope = read_envelope(event.value, *_place(event))
                 if envelope is None:
                     continue
                 attributes = {**_process_attributes(common, envelope, event.message), **batch}
@@ -212,15 +212,8 @@ def envelope_batch_agent(
     app.agent(topic, name=name)(consume)
 
 
-def _envelope(event: faust.EventT) -> EventEnvelope | None:
-    """The record's envelope; None, with a warning, for a record that is not one.  No
-    retry could ever read it, and retrying would stop the projection for good."""
-    try:
-        return EventEnvelope.FromString(event.value)
-    except DecodeError:
-        message = event.message
-        log.warning("skipping record %s-%d@%d: not an event envelope", message.topic, message.partition, message.offset)
-        return None
+def _place(event: faust.EventT) -> tuple[str, int, int]:
+    return event.message.topic, event.message.partition, event.message.offset
 
 
 def _consuming(

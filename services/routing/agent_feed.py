@@ -16,7 +16,6 @@ from datetime import UTC
 from zoneinfo import ZoneInfo
 
 from centralino.v1.envelope_pb2 import EventEnvelope
-from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
@@ -24,7 +23,7 @@ from kafka.structs import TopicPartition
 from services.agents import state_view
 from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
-from services.kernel.envelope import UnknownEventType
+from services.kernel.envelope import UnknownEventType, read_envelope
 from services.kernel.kafka import whole_topic_consumer
 
 log = logging.getLogger(__name__)
@@ -84,17 +83,14 @@ class AgentFeed:
         stall the feed for good, and the router never routes on a stale picture.  What
         the router misses this way, reconcile and the agents service's own capacity check
         still catch."""
+        place = (record.topic, record.partition, record.offset)
+        envelope = read_envelope(record.value, *place)
+        if envelope is None:
+            return
         try:
-            self.apply(EventEnvelope.FromString(record.value))
-        except (DecodeError, UnknownEventType) as problem:
-            log.warning(
-                "agent feed skips record %s-%d@%d: %s: %s",
-                record.topic,
-                record.partition,
-                record.offset,
-                type(problem).__name__,
-                problem,
-            )
+            self.apply(envelope)
+        except UnknownEventType as unknown:
+            log.warning("agent feed skips record %s-%d@%d: unknown event type %s", *place, unknown)
 
     def _consumer(self) -> tuple[KafkaConsumer, dict[TopicPartition, int]]:
         consumer, beginnings, ends = whole_topic_consumer(self._bootstrap, self._topic)
