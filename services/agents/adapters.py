@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import mongoengine as me
+from mongoengine.queryset import transform
+from pymongo import UpdateOne
 
 from services.agents.state_view import View, new_view
 
@@ -81,39 +84,84 @@ def _apply_once(document: type[me.Document], key: str, sequence: int, fields: di
 
 def save_agent_view(view: View, event_id: str, trace_id: str, registered_at: datetime | None = None) -> bool:
     """Write the view after one event (its version); False if the document had seen it."""
-    return save_agent_views(view, [view["version"]], event_id, trace_id, registered_at) > 0
+    return save_agent_views(ViewWrite(view, [view["version"]], event_id, trace_id, registered_at)) > 0
 
 
-def save_agent_views(
-    view: View, sequences: Sequence[int], event_id: str, trace_id: str, registered_at: datetime | None = None
-) -> int:
-    """Write the view folded from the events `sequences` (ascending, the last one the view's
-    version; `event_id` and `trace_id` are the last one's) in one update, unless the document
-    has seen them all.  `events_applied` grows by how many of them the document had not
-    seen, so a replay cut into other batches (a crash between this write and the Faust
-    table's update) counts every event once.  Returns that number (0: already applied).
+@dataclass(frozen=True)
+class ViewWrite:
+    """One agent's write: the view folded from the events `sequences` (ascending, the last
+    one the view's version; `event_id` and `trace_id` are the last one's)."""
+
+    view: View
+    sequences: Sequence[int]
+    event_id: str
+    trace_id: str
+    registered_at: datetime | None = None
+
+    @property
+    def key(self) -> str:
+        return str(self.view["agent_id"])
+
+    def fields(self) -> dict[str, Any]:
+        # events_applied is incremented by the same update; setting it too would conflict.
+        fields = {k: v for k, v in self.view.items() if k not in ("agent_id", "events_applied")}
+        fields.update(last_event_id=self.event_id, trace_id=self.trace_id, projected_at=datetime.now(UTC))
+        if self.registered_at:
+            fields["registered_at"] = self.registered_at
+        return fields
+
+
+def save_agent_views(write: ViewWrite) -> int:
+    """Write the view folded from the events `write.sequences` in one update, unless the
+    document has seen them all.  `events_applied` grows by how many of them the document
+    had not seen, so a replay cut into other batches (a crash between this write and the
+    Faust table's update) counts every event once.  Returns that number (0: already applied).
     """
-    # events_applied is incremented by the same update; setting it too would conflict.
-    fields = {k: v for k, v in view.items() if k not in ("agent_id", "events_applied")}
-    fields.update(last_event_id=event_id, trace_id=trace_id, projected_at=datetime.now(UTC))
-    if registered_at:
-        fields["registered_at"] = registered_at
-    key, first, last = view["agent_id"], sequences[0], sequences[-1]
-    if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(sequences)):
-        return len(sequences)  # the usual case: the document had seen none of them
+    fields, key, first, last = write.fields(), write.key, write.sequences[0], write.sequences[-1]
+    if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(write.sequences)):
+        return len(write.sequences)  # the usual case: the document had seen none of them
     while True:  # it has seen some: a replay overlapping what an earlier batch wrote
         document = AgentDocument.objects(pk=key).only("version").first()
         if document is None:  # gone meanwhile (a rebuild): start it again
-            if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(sequences)):
-                return len(sequences)
+            if _apply_once(AgentDocument, key, first, fields, inc__events_applied=len(write.sequences)):
+                return len(write.sequences)
             continue
         seen = document.version
         if seen >= last:
             return 0
-        new = sum(1 for sequence in sequences if sequence > seen)
+        new = sum(1 for sequence in write.sequences if sequence > seen)
         update = {f"set__{name}": value for name, value in fields.items()}
         if AgentDocument.objects(pk=key, version=seen).update_one(inc__events_applied=new, **update):
             return new
+
+
+def save_existing_agent_views(writes: Sequence[ViewWrite]) -> None:
+    """Write the views of agents whose documents exist, all in one command (one round trip
+    instead of one per agent: the projection's main cost), each update conditional as in
+    `save_agent_views`.  If any document had seen part of its events already (a replay
+    after a crash between the write and the Faust table's update), every write of the
+    batch is done again one by one, which skips those just written.
+
+    No upserts here: FerretDB v1 stops a batch of updates at the first duplicate-key
+    error whatever `ordered` says, and reports it at the wrong index.
+    """
+    if not writes:
+        return
+    updates = [
+        UpdateOne(
+            transform.query(AgentDocument, pk=write.key, version__lt=write.sequences[0]),
+            transform.update(
+                AgentDocument,
+                inc__events_applied=len(write.sequences),
+                **{f"set__{name}": value for name, value in write.fields().items()},
+            ),
+        )
+        for write in writes
+    ]
+    result = AgentDocument._get_collection().bulk_write(updates, ordered=True)
+    if result.matched_count < len(writes):
+        for write in writes:
+            save_agent_views(write)
 
 
 def save_team_view(team_id: str, sequence: int, event_id: str, **fields: Any) -> bool:

@@ -22,10 +22,20 @@ from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
 
 from services.agents import state_view
-from services.agents.adapters import TeamDocument, load_agent_view, save_agent_view, save_agent_views, save_team_view
+from services.agents.adapters import (
+    AgentDocument,
+    TeamDocument,
+    ViewWrite,
+    load_agent_view,
+    save_agent_view,
+    save_agent_views,
+    save_existing_agent_views,
+    save_team_view,
+)
 from services.agents.events import REGISTRY, TEAM
 from services.kernel.config import Settings
 from services.kernel.faust_app import Record, envelope_batch_agent
+from services.kernel.mongo import shared_command_spans
 from services.kernel.telemetry import trace_id_hex
 
 log = logging.getLogger(__name__)
@@ -91,12 +101,18 @@ class AgentBatch:
     """One agent's events of a batch, folded: the view after them and what its write records."""
 
     view: state_view.View
+    exists: bool  # the agent's document was written before this batch
     records: list[Record] = field(default_factory=list)  # the events applied, in order
     registered_at: datetime | None = None
 
     @property
     def last(self) -> Record:
         return self.records[-1]
+
+    def write(self) -> ViewWrite:
+        sequences = [record.envelope.sequence for record in self.records]
+        last = self.last
+        return ViewWrite(self.view, sequences, last.envelope.event_id, trace_id_hex(last.span), self.registered_at)
 
 
 def fold_agents(
@@ -110,11 +126,12 @@ def fold_agents(
         assert event is not None  # decoded by the kernel
         key = envelope.aggregate_id
         batch = batches.get(key)
-        after = next_view(batch.view if batch else working(key), envelope, event, tz)
+        before = batch.view if batch else working(key)
+        after = next_view(before, envelope, event, tz)
         if after is None:
             continue
-        if batch is None:
-            batch = batches[key] = AgentBatch(after)
+        if batch is None:  # a working view past version 0 was written to MongoDB first
+            batch = batches[key] = AgentBatch(after, exists=before["version"] > 0)
         batch.view = after
         batch.records.append(record)
         if isinstance(event, pb.AgentRegistered):
@@ -122,22 +139,22 @@ def fold_agents(
     return batches
 
 
-def write_batch(teams: Sequence[Record], agents: Mapping[str, AgentBatch]) -> int:
-    """The batch's MongoDB writes (blocking): each team event on its own, one conditional
-    update per agent, inside the CONSUMER span of the last event it applies.  Returns the
-    number of events newly applied to `agents_view`."""
+def write_batch(teams: Sequence[Record], agents: Mapping[str, AgentBatch]) -> None:
+    """The batch's MongoDB writes (blocking): each team event on its own; the agents whose
+    documents exist in one command, with a CLIENT span in each agent's trace (under the
+    CONSUMER span of the last event it applies); new agents one by one."""
     for record in teams:
         with record.current():
             project_team(record.envelope, record.payload)  # type: ignore[arg-type]  # decoded by the kernel
-    applied = 0
+    existing = [batch for batch in agents.values() if batch.exists]
+    if existing:
+        database = str(AgentDocument._get_db().name)
+        with shared_command_spans([batch.last.span for batch in existing], "update", "agents_view", database):
+            save_existing_agent_views([batch.write() for batch in existing])
     for batch in agents.values():
-        last = batch.last
-        with last.current():
-            sequences = [record.envelope.sequence for record in batch.records]
-            applied += save_agent_views(
-                batch.view, sequences, last.envelope.event_id, trace_id_hex(last.span), batch.registered_at
-            )
-    return applied
+        if not batch.exists:
+            with batch.last.current():
+                save_agent_views(batch.write())
 
 
 def load_views(records: Iterable[Record]) -> dict[str, state_view.View]:

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import mongoengine
+from opentelemetry import trace
 from opentelemetry.instrumentation.pymongo import PymongoInstrumentor
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.semconv.attributes.db_attributes import (
     DB_COLLECTION_NAME,
     DB_NAMESPACE,
+    DB_OPERATION_BATCH_SIZE,
     DB_OPERATION_NAME,
     DB_SYSTEM_NAME,
 )
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from pymongo import MongoClient
 from pymongo.monitoring import CommandListener, CommandStartedEvent
 
 from services.kernel.config import Settings
 
 EVENTS_ALIAS = "events"
+TRACER_NAME = "centralino.mongo"
 
 
 def connect(settings: Settings, event_listeners: Sequence[CommandListener] = ()) -> MongoClient:
@@ -86,3 +91,40 @@ def _describe(span: Span, event: CommandStartedEvent) -> None:
     else:
         span.update_name(event.command_name)
     span.set_attributes(attributes)
+
+
+@contextmanager
+def shared_command_spans(
+    parents: Sequence[Span], operation: str, collection: str, database: str, tracer: trace.Tracer | None = None
+) -> Iterator[None]:
+    """Inside, one database call (a batch of writes) serves many traces: each parent gets
+    a CLIENT span of its own covering that call, named as pymongo's would be, and
+    pymongo's own span for the call, which could sit in only one trace, is left out."""
+    tracer = tracer or trace.get_tracer(TRACER_NAME)
+    attributes: dict[str, str | int] = {
+        DB_SYSTEM_NAME: "mongodb",
+        DB_OPERATION_NAME: operation,
+        DB_NAMESPACE: database,
+        DB_COLLECTION_NAME: collection,
+        DB_OPERATION_BATCH_SIZE: len(parents),
+    }
+    spans = [
+        tracer.start_span(
+            f"{operation} {collection}",
+            context=trace.set_span_in_context(parent),
+            kind=SpanKind.CLIENT,
+            attributes=attributes,
+        )
+        for parent in parents
+    ]
+    try:
+        with suppress_instrumentation():
+            yield
+    except Exception as exc:
+        for span in spans:
+            span.set_attribute("error.type", type(exc).__qualname__)
+            span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
+        raise
+    finally:
+        for span in spans:
+            span.end()

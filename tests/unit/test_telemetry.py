@@ -19,13 +19,15 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 from opentelemetry.exporter.zipkin.json import ZipkinExporter
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
-from services.kernel import logs, metrics
+from services.kernel import logs, metrics, mongo
 from services.kernel.config import Settings, load_settings
 from services.kernel.exporters import GuardedSpanExporter, exporter_names, metric_exporters, span_exporters
 from services.kernel.telemetry import (
@@ -289,3 +291,23 @@ def test_setup_tracing_sets_up_traces_metrics_and_logs_in_one_call() -> None:
     span = json.loads(done.stdout)  # the console exporter's rendering of the span
     assert span["name"] == "work" and span["context"]["trace_id"] == f"0x{inside['trace_id']}"
     assert span["resource"]["attributes"]["service.name"] == "centralino-test"
+
+
+def test_one_database_call_for_many_traces_gets_a_span_in_each() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("t")
+    parents = [tracer.start_span(f"process {n}") for n in range(3)]
+    with mongo.shared_command_spans(parents, "update", "agents_view", "db", tracer=tracer):
+        assert not is_instrumentation_enabled()  # pymongo's own span would sit in one trace only
+    with pytest.raises(RuntimeError), mongo.shared_command_spans(parents[:1], "update", "agents_view", "db", tracer):
+        raise RuntimeError("refused")
+    spans = exporter.get_finished_spans()
+    assert [(span.name, span.kind, span.parent.span_id) for span in spans] == [  # type: ignore[union-attr]
+        *[("update agents_view", SpanKind.CLIENT, parent.get_span_context().span_id) for parent in parents],
+        ("update agents_view", SpanKind.CLIENT, parents[0].get_span_context().span_id),
+    ]
+    assert [span.attributes["db.operation.batch.size"] for span in spans] == [3, 3, 3, 1]  # type: ignore[index]
+    assert spans[0].attributes["db.collection.name"] == "agents_view"  # type: ignore[index]
+    assert [span.status.status_code for span in spans] == [StatusCode.UNSET] * 3 + [StatusCode.ERROR]
