@@ -15,7 +15,6 @@ Time accounting:
 
 from __future__ import annotations
 
-import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -212,13 +211,26 @@ def _profile(view: View, event: Message) -> None:
         }
 
 
+def _copy(view: View) -> View:
+    """A copy whose containers this module writes into are its own; the rest (profile
+    lists, shift activities) is shared, being only ever replaced.  A deep copy cost the
+    router's agent feed and the projection about a twentieth of their CPU."""
+    copied = dict(view)
+    copied["days"] = {
+        day: {**counters, "not_ready_s": dict(counters["not_ready_s"])} for day, counters in view["days"].items()
+    }
+    copied["shifts"] = {shift_id: dict(shift) for shift_id, shift in view["shifts"].items()}
+    copied["work"] = [dict(item) for item in view["work"]]
+    return copied
+
+
 def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo) -> View:
     """The view after `event` (which happened at epoch `at`); the input is not modified.
 
     Only state changes move the accounting clock: a registration or a schedule
     published today says nothing about what the agent did at that moment.
     """
-    view = copy.deepcopy(view)
+    view = _copy(view)
     _profile(view, event)
     after = apply(as_agent(view), event)
     if isinstance(event, AgentStateChanged):
@@ -246,7 +258,7 @@ def _state_changed(view: View, event: AgentStateChanged, after: Agent, at: float
 
 def up_to(view: View, now: float, tz: ZoneInfo) -> View:
     """The view as if one more (empty) event happened at `now`: open intervals closed."""
-    view = copy.deepcopy(view)
+    view = _copy(view)
     if view["accounted_until"] is not None and now > view["accounted_until"]:
         _account_state(view, view["accounted_until"], now, tz)
         for item in view["work"]:
@@ -258,7 +270,8 @@ def up_to(view: View, now: float, tz: ZoneInfo) -> View:
 
 
 def day_counters(view: View, day: str) -> dict[str, Any]:
-    counters = copy.deepcopy(view["days"].get(day)) or _new_day()
+    stored = view["days"].get(day)
+    counters = {**stored, "not_ready_s": dict(stored["not_ready_s"])} if stored else _new_day()
     contact = counters["reserved_s"] + counters["busy_s"] + counters["after_call_work_wall_s"]
     idle = counters["ready_s"]
     handle = counters["talk_s"] + counters["hold_s"] + counters["after_call_work_s"]

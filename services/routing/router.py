@@ -45,7 +45,7 @@ from services.kernel.telemetry import current_trace_headers
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentRefused, AgentsPort, Outcome
 from services.routing.domain import interaction as domain
-from services.routing.domain.interaction import OPEN, Interaction
+from services.routing.domain.interaction import OPEN, Interaction, S
 from services.routing.domain.matching import Candidate, plan
 from services.routing.domain.queues import QueueConfig, queue_for
 from services.routing.domain.stats import QueueKpis, queue_kpis
@@ -53,7 +53,6 @@ from services.routing.events import REGISTRY
 from services.routing.offers import OfferBus
 
 log = logging.getLogger(__name__)
-S = pb.InteractionStatus
 PRODUCER = "centralino-routing"
 REFUSAL_COOLDOWN_S = 1.0
 MOVING_GRACE_S = 2.0

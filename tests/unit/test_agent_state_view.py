@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -138,3 +139,26 @@ def test_redelivered_state_is_identical_to_the_first_fold() -> None:
     first = scripted_shift()
     second = scripted_shift()
     assert first.view == second.view
+
+
+def test_folding_and_reading_never_change_an_earlier_view() -> None:
+    """Views share what is only ever replaced; every container written into is copied."""
+    s = Script()
+    s.schedule(at(8, 0), at(10, 0), Activity(at(8, 0), at(10, 0), productive=True))
+    kept: list[tuple[state_view.View, state_view.View]] = []
+    original_fold = s._fold
+
+    def fold_keeping(events: list, when: datetime) -> None:
+        kept.append((s.view, copy.deepcopy(s.view)))
+        original_fold(events, when)
+
+    s._fold = fold_keeping  # type: ignore[method-assign]
+    s.do(at(8, 0), T.LOG_IN).do(at(8, 1), T.GO_NOT_READY, reason=pb.BREAK).do(at(8, 5), T.GO_READY)
+    call(s, "i1", at(8, 10), talk_s=300, hold_s=60, acw_s=120)
+    s.do(at(8, 20), T.RESERVE, interaction_id="c1", channel=pb.CHAT).do(at(8, 21), T.CONNECT, interaction_id="c1")
+    before_reading = copy.deepcopy(s.view)
+    state_view.day_counters(state_view.up_to(s.view, at(9, 0).timestamp(), UTC_ZONE), "2026-11-02")
+    assert s.view == before_reading
+    assert len(kept) == 11
+    for view, snapshot in kept:
+        assert view == snapshot

@@ -15,9 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from centralino.v1.routing_pb2 import InteractionStatus as S
-
-from services.routing.domain.interaction import Interaction
+from services.routing.domain.interaction import Interaction, S
 from services.routing.domain.queues import QueueConfig
 
 SL_VARIANTS = ("answered", "answered_and_abandoned", "left_queue")
