@@ -95,6 +95,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.routing
 	$(PY) -m bench.ferretdb
+	$(PY) -m bench.kafka_producers
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock:

@@ -55,8 +55,11 @@ def _operations(db: Any, size: int) -> dict[str, Callable[[int], Any]]:
 
     def guarded(i: int) -> Any:
         try:
-            return views.update_one({"_id": key(i), "version": {"$lt": 10**6 + i}},
-                                    {"$set": {"version": 10**6 + i, "state": "busy"}}, upsert=True)
+            return views.update_one(
+                {"_id": key(i), "version": {"$lt": 10**6 + i}},
+                {"$set": {"version": 10**6 + i, "state": "busy"}},
+                upsert=True,
+            )
         except pymongo.errors.DuplicateKeyError:
             return None
 

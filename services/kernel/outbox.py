@@ -18,14 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
-from kafka import KafkaProducer
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
 from services.kernel.eventstore import EventStore, Unpublished
-from services.kernel.kafka import Headers, ensure_topics, make_producer, send_all
+from services.kernel.kafka import EventProducer, Headers, ensure_topics, make_producer
 from services.kernel.telemetry import context_from_headers, headers_for
 
 log = logging.getLogger(__name__)
@@ -60,7 +59,7 @@ def _span_attributes(stored: Unpublished, envelope: EventEnvelope, client_id: st
 
 
 def publish(
-    producer: KafkaProducer,
+    producer: EventProducer,
     batch: Sequence[Unpublished],
     timeout_s: float,
     tracer: trace.Tracer | None = None,
@@ -69,7 +68,7 @@ def publish(
     """Send a batch, one PRODUCER span per record, and wait for every acknowledgement."""
     tracer = tracer or trace.get_tracer(TRACER_NAME)
     instruments = instruments or metrics.instruments(metrics.PublishMetrics)
-    client_id = str(getattr(producer, "config", {}).get("client_id") or "")
+    client_id = producer.client_id
     spans = []
     records = []
     for stored in batch:
@@ -83,7 +82,7 @@ def publish(
         spans.append(span)
         records.append(to_record(stored, headers_for(span)))
     try:
-        landed = send_all(producer, records, timeout_s=timeout_s)
+        landed = producer.send_all(records, timeout_s=timeout_s)
     except Exception as exc:
         for span, stored in zip(spans, batch, strict=True):
             span.set_attribute("error.type", type(exc).__qualname__)
@@ -119,14 +118,14 @@ class OutboxRelay:
     def __init__(
         self,
         store: EventStore,
-        producer_factory: Callable[[], KafkaProducer],
+        producer_factory: Callable[[], EventProducer],
         interval_s: float = 1.0,
         batch: int = 500,
     ) -> None:
         self._store = store
         # Made on first use: the service accepts commands even while Kafka is down.
         self._producer_factory = producer_factory
-        self._producer: KafkaProducer | None = None
+        self._producer: EventProducer | None = None
         self._interval_s = interval_s
         self._batch = batch
         self._wake = threading.Event()
@@ -149,7 +148,7 @@ class OutboxRelay:
         except Exception:
             log.exception("outbox relay stopped with events still unpublished; they go out at next start")
         if self._producer is not None:
-            self._producer.close(timeout=10)
+            self._producer.close(timeout_s=10)
 
     def drain_once(self) -> int:
         """Publish every unpublished event; returns how many went out."""
@@ -181,7 +180,7 @@ class OutboxRelay:
 def relay_for(store: EventStore, bootstrap: str, topic: str, client_id: str, interval_s: float) -> OutboxRelay:
     """The relay of one service: its producer (and topic) are made when Kafka first answers."""
 
-    def producer() -> KafkaProducer:
+    def producer() -> EventProducer:
         ensure_topics(bootstrap, [topic])
         return make_producer(bootstrap, client_id=client_id)
 
