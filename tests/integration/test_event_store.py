@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import CommitBatch, CommittedEvent, EventEnvelope
+from kafka.partitioner.default import DefaultPartitioner
 
 from infra.stack import free_port
 from services.agents import adapters
@@ -220,3 +221,18 @@ def test_chained_writes_across_many_commits_never_leave_a_gap(repository: Reposi
 
 def eventstore_names(aggregate_id: str) -> list[Any]:
     return [REGISTRY.decode(envelope) for envelope in eventstore.EventStore().load(aggregate_id)]
+
+
+def test_events_land_on_the_partition_the_java_client_and_faust_choose(mongo: Settings) -> None:
+    """The relays' producer (librdkafka) partitions keys as kafka-python and aiokafka do
+    (the Java client's murmur2), so an aggregate's events stay on one partition across
+    producers and across the change of producer."""
+    topic = mongo.topic("partitioning")
+    kafka.ensure_topics(mongo.kafka_bootstrap, [topic], partitions=3)
+    keys = [f"agent-{n}".encode() for n in range(40)]
+    landed = kafka.make_producer(mongo.kafka_bootstrap, "test").send_all(
+        [(topic, key, b"event", []) for key in keys], timeout_s=30
+    )
+    java = DefaultPartitioner()
+    assert [where.partition for where in landed] == [java(key, [0, 1, 2], [0, 1, 2]) for key in keys]
+    assert len({where.partition for where in landed}) == 3

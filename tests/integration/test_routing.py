@@ -45,9 +45,35 @@ class Desk:
         except grpc.RpcError:
             pass
 
-    def next_offer(self, seen: int = 0, timeout_s: float = 20) -> pb.Offer:
-        eventually(lambda: len(self.offers) > seen, timeout_s=timeout_s, interval_s=0.05)
+    def next_offer(self, seen: int = 0, timeout_s: float = 20, expecting: str = "") -> pb.Offer:
+        try:
+            eventually(lambda: len(self.offers) > seen, timeout_s=timeout_s, interval_s=0.05)
+        except AssertionError as late:
+            raise AssertionError(f"{late}\n{self.story(expecting)}") from None
         return self.offers[seen]
+
+    def story(self, interaction_id: str) -> str:
+        """What the stores and the router show, for a failure message: an offer that never
+        came has failed intermittently in CI, too rarely to catch with a debugger."""
+        steps = [
+            (T.Name(e.transition), apb.AgentState.Name(e.state))
+            for t, e in event_log(self.agent_id, AGENT_EVENTS)
+            if t == "agents.AgentStateChanged"
+        ]
+        lines = [f"agent {self.agent_id}: offers on the stream {len(self.offers)}; stored steps {steps}"]
+        if interaction_id:
+            events = [
+                (t, getattr(e, "agent_id", ""), getattr(e, "outcome", ""))
+                for t, e in event_log(interaction_id, ROUTING_EVENTS)
+            ]
+            lines.append(f"interaction {interaction_id}: stored events {events}")
+            listed = self.platform.routing.ListQueueStats(pb.ListQueueStatsRequest()).queues
+            lines += [
+                f"queue {q.queue_id}: waiting {q.waiting}, agents ready {q.agents_ready}, busy {q.agents_busy}"
+                for q in listed
+                if q.waiting
+            ]
+        return "\n".join(lines)
 
     def decide(self, call: str, interaction_id: str) -> pb.InteractionResponse:
         request = pb.OfferDecision(agent_id=self.agent_id, interaction_id=interaction_id)
@@ -215,7 +241,7 @@ def test_abandonment_counts_in_queue_statistics(platform: Platform) -> None:
 
 def connected_to(platform: Platform, desk: Desk, department: str, language: str, channel: int) -> str:
     iid = create(platform, department, language, channel)
-    assert desk.next_offer(len(desk.offers)).interaction_id == iid
+    assert desk.next_offer(len(desk.offers), expecting=iid).interaction_id == iid
     assert desk.decide("AcceptOffer", iid).status == S.CONNECTED
     return iid
 
@@ -328,3 +354,4 @@ def test_unreadable_agent_records_do_not_stop_routing_even_after_a_restart(
     desks.append(desk)
     iid = create(platform, "social_media", "it", apb.CHAT)
     assert desk.next_offer().interaction_id == iid
+
