@@ -240,8 +240,9 @@ def test_abandonment_counts_in_queue_statistics(platform: Platform) -> None:
 
 
 def connected_to(platform: Platform, desk: Desk, department: str, language: str, channel: int) -> str:
+    seen = len(desk.offers)  # before creating: the offer may reach the desk before the answer does
     iid = create(platform, department, language, channel)
-    assert desk.next_offer(len(desk.offers), expecting=iid).interaction_id == iid
+    assert desk.next_offer(seen, expecting=iid).interaction_id == iid
     assert desk.decide("AcceptOffer", iid).status == S.CONNECTED
     return iid
 
