@@ -6,13 +6,12 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from centralino.v1.envelope_pb2 import CommitBatch, EventEnvelope
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.structs import TopicPartition
 
 from services.kernel.envelope import EventRegistry
-from services.kernel.eventstore import EventStore, _collection, event_key
+from services.kernel.eventstore import EventStore
 
 T = TypeVar("T")
 
@@ -52,12 +51,3 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
 def event_log(aggregate_id: str, registry: EventRegistry) -> list[tuple[str, Any]]:
     """(event type, decoded payload) of every stored event of an aggregate, oldest first."""
     return [(e.event_type, registry.decode(e)) for e in EventStore().load(aggregate_id)]
-
-
-def commit_of(aggregate_id: str) -> list[str]:
-    """The keys of every event in the commit (intent) holding the aggregate's first event."""
-    for intent in _collection("event_commits").find():
-        events = [EventEnvelope.FromString(e.envelope) for e in CommitBatch.FromString(intent["batch"]).events]
-        if any((e.aggregate_id, e.sequence) == (aggregate_id, 1) for e in events):
-            return sorted(event_key(e.aggregate_id, e.sequence) for e in events)
-    raise AssertionError(f"no commit holds {aggregate_id}")

@@ -32,9 +32,8 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -145,7 +144,6 @@ class EventStore:
         self._max_batch = max_batch_events
         self._queue: deque[_Write] = deque()
         self._ready = threading.Condition()
-        self._holds = 0  # callers inside held(): no commit starts
         self._thread: threading.Thread | None = None
         self._next: int | None = None  # next commit number; found in the log when unknown
         self._doubtful: int | None = None  # an intent whose write failed: it may be in the log, empty
@@ -186,21 +184,6 @@ class EventStore:
             self._ready.notify()
         return write.future
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Inside, writes queue up and no commit starts (one already under way goes on):
-        what one decision submits in several writes goes into one group commit, so the
-        last of them is not kept waiting for a commit of the first.  Keep it short:
-        every caller's commit waits."""
-        with self._ready:
-            self._holds += 1
-        try:
-            yield
-        finally:
-            with self._ready:
-                self._holds -= 1
-                self._ready.notify()
-
     def append(self, topic: str, envelopes: Sequence[EventEnvelope], trace_headers: dict[str, str]) -> None:
         """Append in order and wait until durable; a sequence already taken is a ConcurrencyConflict."""
         self.submit(topic, envelopes, trace_headers).result()
@@ -208,7 +191,7 @@ class EventStore:
     def _run(self) -> None:
         while True:
             with self._ready:
-                while not self._queue or self._holds:
+                while not self._queue:
                     self._ready.wait()
                 batch: list[_Write] = []
                 size = 0

@@ -6,7 +6,6 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
@@ -36,10 +35,6 @@ class Repository:
         self._cache_size = cache_size
         self._tails: dict[str, tuple[int, Future[None]]] = {}  # aggregate -> (version after, write in flight)
         self._lock = threading.Lock()
-
-    def held(self) -> AbstractContextManager[None]:
-        """Writes submitted inside go into one group commit (see EventStore.held)."""
-        return self._store.held()
 
     def load(self, aggregate_id: str) -> list[Message]:
         return [message for message, _ in self.history(aggregate_id)]

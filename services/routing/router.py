@@ -218,7 +218,7 @@ class Router:
 
     def create(self, command: domain.CreateInteraction, correlation_id: str) -> Interaction:
         queue = queue_for(self._queues.values(), command.department, command.language, command.direction)
-        with self._lock, self._repo.held():
+        with self._lock:
             current = self._all.get(command.interaction_id) or Interaction(interaction_id=command.interaction_id)
             events = domain.create(command, current, queue)
             if events:
@@ -230,23 +230,10 @@ class Router:
                     correlation_id=correlation_id or command.interaction_id, causation_id=new_id(), producer=PRODUCER
                 )
                 current, written = self._save(current, events, meta)
-                self._route_now()
+        self._wake.set()
         if events:
             self._wait(written)
         return current
-
-    def _route_now(self) -> None:
-        """A routing pass by the caller, inside its hold on the store: an offer it makes is
-        written in the same group commit as the change that called for it, instead of the
-        commit after (the offer reaches the agent one commit's wait sooner)."""
-        if not self._feed.wait_caught_up(0):
-            self._wake.set()  # the router's loop routes once the picture of the agents is whole
-            return
-        try:
-            self.route_once()
-        except Exception:
-            log.exception("routing pass failed; the router's loop retries")
-            self._wake.set()
 
     def abandon(self, iid: str, reason: str, meta: Metadata) -> Interaction:
         return self._withdraw(iid, lambda i: domain.abandon(i, reason), meta)

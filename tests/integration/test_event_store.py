@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +23,7 @@ from services.kernel.envelope import Metadata
 from services.kernel.errors import ConcurrencyConflict
 from services.kernel.outbox import OutboxRelay
 from services.kernel.repository import Repository
-from tests.helpers import commit_of, read_topic
+from tests.helpers import read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -237,20 +236,3 @@ def test_events_land_on_the_partition_the_java_client_and_faust_choose(mongo: Se
     java = DefaultPartitioner()
     assert [where.partition for where in landed] == [java(key, [0, 1, 2], [0, 1, 2]) for key in keys]
     assert len({where.partition for where in landed}) == 3
-
-
-def test_writes_submitted_while_held_go_into_one_commit(repository: Repository) -> None:
-    repository.save("h0", 0, [registered("h0")], META)  # the committer is running, and idle
-    with repository.held():
-        _, first = repository.submit("h1", 0, [registered("h1")], META)
-        time.sleep(0.3)  # an idle committer would have taken the first write by now
-        assert not first.done()
-        _, second = repository.submit("h2", 0, [registered("h2")], META)
-        _, third = repository.submit("h1", 1, [registered("h1", "renamed")], META)
-    for written in (first, second, third):
-        written.result(timeout=10)
-    assert (
-        commit_of("h1")
-        == commit_of("h2")
-        == sorted(eventstore.event_key(a, s) for a, s in (("h1", 1), ("h1", 2), ("h2", 1)))
-    )

@@ -18,9 +18,8 @@ from kafka import KafkaProducer
 
 from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
-from services.kernel.eventstore import event_key
 from services.routing.events import REGISTRY as ROUTING_EVENTS
-from tests.helpers import commit_of, event_log, eventually
+from tests.helpers import event_log, eventually
 from tests.integration.conftest import Platform
 
 pytestmark = pytest.mark.integration
@@ -159,25 +158,6 @@ def test_an_interaction_travels_from_intake_to_wrap_up(platform: Platform, team:
         error.code() == grpc.StatusCode.FAILED_PRECONDITION
         and ("current-state", "COMPLETED") in error.trailing_metadata()
     )
-
-
-def test_an_offer_to_a_ready_agent_is_written_with_the_interaction(
-    platform: Platform, team: str, desks: list[Desk]
-) -> None:
-    """The routing pass for a new interaction runs before its creation is committed, so
-    the offer goes into the same group commit: one commit's wait less before the offer."""
-    agent = hire(platform, team, {"sales": 5, "lang:pl": 5}, {apb.CHAT: 1})
-    desks.append(desk := Desk(platform, agent))
-
-    def router_sees_the_agent() -> bool:
-        return platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="sales.pl")).agents_ready == 1
-
-    eventually(router_sees_the_agent)
-    iid = create(platform, "sales", "pl", apb.CHAT)
-    assert desk.next_offer(expecting=iid).interaction_id == iid
-    written = [event_type for event_type, _ in event_log(iid, ROUTING_EVENTS)]  # sequences 1, 2, ...
-    assert written[:2] == ["routing.InteractionCreated", "routing.InteractionOffered"]
-    assert commit_of(iid) == [event_key(iid, 1), event_key(iid, 2)]
 
 
 def test_bad_intake_names_the_field(platform: Platform) -> None:
@@ -375,3 +355,4 @@ def test_unreadable_agent_records_do_not_stop_routing_even_after_a_restart(
     desks.append(desk)
     iid = create(platform, "social_media", "it", apb.CHAT)
     assert desk.next_offer().interaction_id == iid
+
