@@ -3,7 +3,9 @@
 One Kafka consumer per server process (no consumer group: every server sees every
 change) reads the department topic from its end and hands each AgentStateChanged
 to the subscribers of that agent's team.  Per agent, changes come from one
-partition, so a subscriber sees them in order.
+partition, so a subscriber sees them in order.  After losing Kafka it goes on from
+where it was, not from the end: the changes made meanwhile still reach the streams
+that stayed open (unless the topic's retention dropped them first).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
 
 from services.kernel.envelope import read_envelope
 from services.kernel.kafka import whole_topic_consumer
@@ -47,6 +50,7 @@ class TeamWatchHub:
         self._topic = topic
         self._max_backlog = max_backlog
         self._subscribers: dict[str, set[queue.Queue[pb.AgentStateChange]]] = defaultdict(set)
+        self._next: dict[TopicPartition, int] = {}  # per partition, the next offset to deliver
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -94,8 +98,9 @@ class TeamWatchHub:
 
     def _consumer(self) -> KafkaConsumer:
         consumer, _, ends = whole_topic_consumer(self._bootstrap, self._topic)
-        for partition, offset in ends.items():  # live changes only: from the current end
-            consumer.seek(partition, offset)
+        for partition, end in ends.items():  # first live changes only, from the end; then where it was
+            self._next.setdefault(partition, end)
+            consumer.seek(partition, self._next[partition])
         return consumer
 
     def _run(self) -> None:
@@ -104,9 +109,10 @@ class TeamWatchHub:
                 consumer = self._consumer()
                 self._ready.set()
                 while not self._stopping.is_set():
-                    for records in consumer.poll(timeout_ms=200).values():
+                    for partition, records in consumer.poll(timeout_ms=200).items():
                         for record in records:
                             self._deliver(record)
+                            self._next[partition] = record.offset + 1
                 consumer.close()
             except Exception:  # broker outage: keep the streams open, reconnect
                 log.exception("team watch lost Kafka; reconnecting")

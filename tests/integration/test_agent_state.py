@@ -7,6 +7,8 @@ MongoDB read model that the Faust worker projected from Kafka.
 from __future__ import annotations
 
 import threading
+import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,9 +21,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
 
 from services.agents.adapters import AgentDocument, TeamDocument
-from services.agents.events import team_stream
+from services.agents.events import AGENT, REGISTRY, team_stream
 from services.agents.rebuild import rebuild
+from services.agents.watch import TeamWatchHub
+from services.kernel.envelope import Metadata, wrap
 from services.kernel.eventstore import EventStore, StoredEvent
+from services.kernel.kafka import Record, ensure_topics, make_producer
 from tests.helpers import eventually
 from tests.integration.conftest import AgentsService
 
@@ -313,6 +318,46 @@ def test_watch_team_reads_past_a_record_it_cannot_read(service: AgentsService) -
     change = next(iter(stream))
     stream.cancel()
     assert (change.agent_id, change.transition) == ("watch-odd", T.LOG_IN)
+
+
+def test_the_team_watch_goes_on_from_where_it_was_after_losing_kafka(service: AgentsService) -> None:
+    """Before, the hub reconnected at the topic's end, and the changes made while it was
+    away never reached the streams that stayed open."""
+    topic = service.settings.topic(f"watch-{uuid.uuid4().hex[:8]}")
+    bootstrap = service.settings.kafka_bootstrap
+    ensure_topics(bootstrap, [topic])
+    hub = TeamWatchHub(bootstrap, topic)
+    failures = iter([ConnectionError("broker gone")])  # the first delivery fails, as an outage would
+    deliver = hub._deliver
+
+    def flaky(record: Any) -> None:
+        if (failure := next(failures, None)) is not None:
+            raise failure
+        deliver(record)
+
+    hub._deliver = flaky  # type: ignore[method-assign]
+    hub.start()
+    try:
+        assert hub.wait_ready(30)
+        watching = hub.subscribe("t-away")
+        producer = make_producer(bootstrap, "test")
+        producer.send_all([state_change(topic, "away-1", 1, T.LOG_IN)], timeout_s=30)  # fails, then retried
+        time.sleep(0.5)  # the hub is away now, for 2 s
+        producer.send_all([state_change(topic, "away-1", 2, T.GO_READY)], timeout_s=30)
+        received = [watching.get(timeout=15) for _ in range(2)]
+        assert [(c.agent_id, c.transition, c.version) for c in received] == [
+            ("away-1", T.LOG_IN, 1),
+            ("away-1", T.GO_READY, 2),
+        ]
+    finally:
+        hub.stop()
+
+
+def state_change(topic: str, agent_id: str, sequence: int, transition: int) -> Record:
+    event = pb.AgentStateChanged(agent_id=agent_id, team_id="t-away", transition=transition)  # type: ignore[arg-type]
+    meta = Metadata(correlation_id="c", causation_id="c", producer="test")
+    envelope = wrap(event, registry=REGISTRY, aggregate_type=AGENT, aggregate_id=agent_id, sequence=sequence, meta=meta)
+    return topic, agent_id.encode(), envelope.SerializeToString(), []
 
 
 def not_an_envelope(service: AgentsService, key: bytes) -> None:

@@ -355,4 +355,3 @@ def test_unreadable_agent_records_do_not_stop_routing_even_after_a_restart(
     desks.append(desk)
     iid = create(platform, "social_media", "it", apb.CHAT)
     assert desk.next_offer().interaction_id == iid
-
