@@ -245,3 +245,47 @@ def test_service_level_variants(variant: str, service_level: float) -> None:
     assert kpis.average_speed_of_answer_s == 25
     assert kpis.abandonment_rate == pytest.approx(1 / 4)  # the short abandon leaves both sides
     assert kpis.longest_wait_s == 30
+
+
+def at_times(*steps: tuple[float, object]) -> Interaction:
+    """Like run, each step at its own time (seconds after T0)."""
+    interaction = Interaction(interaction_id="i1")
+    for seconds, step in steps:
+        for event in step(interaction):  # type: ignore[operator]
+            interaction = domain.apply(interaction, event, T0 + seconds)
+    return interaction
+
+
+def test_a_transferred_interaction_counts_in_each_queue_it_visited() -> None:
+    """Before, a transfer took the interaction out of the first queue's figures: that
+    queue's offered and answered went down the moment an agent passed a customer on."""
+    support = QUEUES["technical_support.it"]
+
+    def offered_to_anna(i: Interaction) -> list:  # type: ignore[type-arg]
+        return domain.offer(i, "anna", OFFER_UNTIL, 0)
+
+    def accepted_by_anna(i: Interaction) -> list:  # type: ignore[type-arg]
+        return domain.accept(i, "anna")
+
+    def to_support(i: Interaction) -> list:  # type: ignore[type-arg]
+        return domain.transfer(i, "anna", support, "", warm=False)
+
+    moved = at_times(
+        (0, created),
+        (4, offered_to_anna),
+        (10, accepted_by_anna),
+        (100, to_support),
+        (130, lambda i: domain.offer(i, "marek", OFFER_UNTIL, 0)),
+        (160, lambda i: domain.accept(i, "marek")),
+    )
+    first = queue_kpis([*HISTORY, moved], CS_IT, T0 + 200, "answered")
+    assert (first.offered, first.answered, first.waiting) == (6, 3, 1)
+    assert first.average_speed_of_answer_s == pytest.approx((10 + 40 + 10) / 3)
+    assert first.service_level == pytest.approx(2 / 3)
+    second = queue_kpis([*HISTORY, moved], support, T0 + 200, "answered")
+    assert (second.offered, second.answered, second.waiting) == (1, 1, 0)
+    assert second.average_speed_of_answer_s == 60  # waited there from the transfer
+
+    still_waiting = at_times(*[(0, created), (4, offered_to_anna), (10, accepted_by_anna), (100, to_support)])
+    there = queue_kpis([still_waiting], support, T0 + 200, "answered")
+    assert (there.offered, there.waiting, there.answered, there.longest_wait_s) == (1, 1, 0, 100)

@@ -68,6 +68,16 @@ class CreateInteraction:
 
 
 @dataclass(frozen=True)
+class Visit:
+    """An earlier stay of the interaction in a queue, ended by a transfer or an escalation:
+    that queue still counts it (offered, and answered if it was), as supervisors saw it."""
+
+    queue_id: str
+    enqueued_at: float | None
+    answered_at: float | None
+
+
+@dataclass(frozen=True)
 class Interaction:
     interaction_id: str
     version: int = 0
@@ -88,6 +98,7 @@ class Interaction:
     closed_at: float | None = None
     expires_at: float | None = None  # of the current offer
     changed_at: float | None = None  # time of the last event
+    visits: tuple[Visit, ...] = ()  # earlier queues, oldest first; the current one is queue_id
     target_agent: str = ""  # after a transfer to a named agent
     warm_from: str = ""  # the agent still on the interaction during a warm transfer
     escalated: bool = False
@@ -289,6 +300,7 @@ def apply(interaction: Interaction, event: Message, at: float) -> Interaction:
         # A new visit to a queue: waiting (and the queue's SL and ASA) start again from here.
         return replace(
             i,
+            visits=(*i.visits, Visit(i.queue_id, i.enqueued_at, i.answered_at)),
             status=S.QUEUED,
             queue_id=event.queue_id,
             agent_id="",
