@@ -28,11 +28,19 @@ def eventually(probe: Callable[[], T | None], timeout_s: float = 60.0, interval_
         time.sleep(interval_s)
 
 
-def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list[ConsumerRecord]:
-    """Read every partition of a topic from the beginning until `expected` records arrived.
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float = 30.0,
+    until: Callable[[list[ConsumerRecord]], bool] | None = None,
+) -> list[ConsumerRecord]:
+    """Read every partition of a topic from the beginning until `expected` records arrived
+    (or, given `until`, until it holds for the records read).
 
     Waits for the topic to exist first: the service creates it when it first publishes.
     """
+    done = until or (lambda records: len(records) >= expected)
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
     deadline = time.monotonic() + timeout_s
     records: list[ConsumerRecord] = []
@@ -40,7 +48,7 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
         partitions = eventually(lambda: consumer.partitions_for_topic(topic), timeout_s)
         consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
         consumer.seek_to_beginning()
-        while len(records) < expected and time.monotonic() < deadline:
+        while not done(records) and time.monotonic() < deadline:
             for batch in consumer.poll(timeout_ms=500).values():
                 records.extend(batch)
     finally:

@@ -8,7 +8,7 @@ import inspect
 import logging
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -24,15 +24,18 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.kernel import logs, metrics
 from services.kernel.config import Settings
+from services.kernel.dead_letters import DeadLetters
 from services.kernel.envelope import UnknownEventType, read_envelope
 from services.kernel.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
 
 EnvelopeHandler = Callable[[EventEnvelope], object]
+NOT_AN_ENVELOPE = "not an event envelope"
 # How often an idle or stuck consumer re-reads its partitions' high watermarks.
 LAG_REFRESH_S = 5.0
 _LAGS: weakref.WeakKeyDictionary[faust.App, metrics.ConsumerLag] = weakref.WeakKeyDictionary()
+_DEAD_LETTERS: weakref.WeakKeyDictionary[faust.App, DeadLetters] = weakref.WeakKeyDictionary()
 
 
 def create_app(name: str, settings: Settings) -> faust.App:
@@ -55,7 +58,21 @@ def create_app(name: str, settings: Settings) -> faust.App:
         **logs.faust_logging(),
     )
     _watch_consumer_lag(app)
+    _DEAD_LETTERS[app] = DeadLetters(settings.kafka_bootstrap, app.conf.id)
     return app
+
+
+async def _park(app: faust.App, event: faust.EventT, reason: str) -> None:
+    """Keep a record the consumer skips in its dead-letter topic, before moving past it."""
+    dead_letters = _DEAD_LETTERS.get(app)
+    if dead_letters is None:  # an app not made by create_app
+        return
+    message = event.message
+    raw = message.headers or []
+    pairs = raw.items() if isinstance(raw, Mapping) else raw
+    headers = [(str(name), value if isinstance(value, bytes) else str(value).encode()) for name, value in pairs]
+    where = (message.topic, message.partition, message.offset)
+    await asyncio.to_thread(dead_letters.park, *where, message.key, message.value, headers, reason)
 
 
 def _watch_consumer_lag(app: faust.App) -> None:
@@ -99,6 +116,7 @@ def envelope_agent(app: faust.App, topic_name: str, name: str, handle: EnvelopeH
         async for event in stream.events():
             envelope = read_envelope(event.value, *_place(event))
             if envelope is None:
+                await _park(app, event, NOT_AN_ENVELOPE)
                 continue
             message = event.message
             started = time.perf_counter()
@@ -112,6 +130,7 @@ def envelope_agent(app: faust.App, topic_name: str, name: str, handle: EnvelopeH
                 if outcome:
                     span.set_attribute("error.type", outcome)
                     span.set_status(Status(StatusCode.ERROR, outcome))
+                    await _park(app, event, f"unknown event type {envelope.event_type}")
             measured = {**common, **({"error.type": outcome} if outcome else {})}
             instruments.consumed.add(1, measured)
             instruments.process_duration.record(time.perf_counter() - started, measured)
@@ -186,6 +205,7 @@ def envelope_batch_agent(
             for event in events:
                 envelope = read_envelope(event.value, *_place(event))
                 if envelope is None:
+                    await _park(app, event, NOT_AN_ENVELOPE)
                     continue
                 attributes = {**_process_attributes(common, envelope, event.message), **batch}
                 span = tracer.start_span(
@@ -201,6 +221,9 @@ def envelope_batch_agent(
                 for record in records:
                     record.span.end()
                 raise
+            for record in records:
+                if record.skipped and record.event is not None:
+                    await _park(app, record.event, f"unknown event type {record.envelope.event_type}")
             _finish(records, instruments, common, time.perf_counter() - started)
             if lag is not None:
                 ends: dict[TP, int] = {}

@@ -24,10 +24,11 @@ from services.agents.adapters import AgentDocument, TeamDocument
 from services.agents.events import AGENT, REGISTRY, team_stream
 from services.agents.rebuild import rebuild
 from services.agents.watch import TeamWatchHub
+from services.kernel.dead_letters import dead_letter_topic
 from services.kernel.envelope import Metadata, wrap
 from services.kernel.eventstore import EventStore, StoredEvent
 from services.kernel.kafka import Record, ensure_topics, make_producer
-from tests.helpers import eventually
+from tests.helpers import eventually, read_topic
 from tests.integration.conftest import AgentsService
 
 pytestmark = pytest.mark.integration
@@ -358,6 +359,41 @@ def state_change(topic: str, agent_id: str, sequence: int, transition: int) -> R
     meta = Metadata(correlation_id="c", causation_id="c", producer="test")
     envelope = wrap(event, registry=REGISTRY, aggregate_type=AGENT, aggregate_id=agent_id, sequence=sequence, meta=meta)
     return topic, agent_id.encode(), envelope.SerializeToString(), []
+
+
+def test_records_the_projection_cannot_read_are_parked_as_dead_letters(service: AgentsService) -> None:
+    """Skipped, so the projection goes on; kept, unchanged, with where they came from and why."""
+    topic = service.settings.topic("agents")
+    not_an_envelope(service, key=b"dead-1")
+    meta = Metadata(correlation_id="c", causation_id="c", producer="a newer release")
+    future = wrap(
+        pb.AgentRegistered(agent_id="dead-2"),
+        registry=REGISTRY,
+        aggregate_type=AGENT,
+        aggregate_id="dead-2",
+        sequence=1,
+        meta=meta,
+    )
+    future.event_type = "agents.AgentCloned"  # a type this release does not know
+    make_producer(service.settings.kafka_bootstrap, "test").send_all(
+        [(topic, b"dead-2", future.SerializeToString(), [("traceparent", b"kept")])], timeout_s=30
+    )
+
+    def both(records: list[Any]) -> bool:
+        return {b"dead-1", b"dead-2"} <= {r.key for r in records}
+
+    parked = read_topic(service.settings.kafka_bootstrap, dead_letter_topic(topic), 0, timeout_s=60, until=both)
+    found = {r.key: (r.value, dict(r.headers)) for r in parked if r.key in (b"dead-1", b"dead-2")}
+    assert set(found) == {b"dead-1", b"dead-2"}, [r.key for r in parked]
+    (value_1, headers_1), (value_2, headers_2) = found[b"dead-1"], found[b"dead-2"]
+    assert value_1 == b"\xff\xfe not an envelope" and value_2 == future.SerializeToString()
+    assert headers_1["centralino.dead_letter.reason"] == b"not an event envelope"
+    assert headers_2["centralino.dead_letter.reason"] == b"unknown event type agents.AgentCloned"
+    assert headers_2["traceparent"] == b"kept"  # the record's own headers stay
+    for headers in (headers_1, headers_2):
+        assert headers["centralino.dead_letter.topic"] == topic.encode()
+        assert headers["centralino.dead_letter.group"] == service.settings.consumer_group("agents-projections").encode()
+        assert int(headers["centralino.dead_letter.offset"]) >= 0
 
 
 def not_an_envelope(service: AgentsService, key: bytes) -> None:
