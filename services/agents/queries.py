@@ -62,7 +62,17 @@ class AgentQueries:
         document = AgentDocument.objects(agent_id=agent_id).first()
         if document is None:
             raise NotFound(f"agent {agent_id} is not known (or not projected yet)")
-        return self._report(document.to_view(), day)
+        view = document.to_view()
+        self._check_kept(view, day)
+        return self._report(view, day)
+
+    def _check_kept(self, view: dict[str, Any], day: str) -> None:
+        """A day the view no longer holds is an error, not a day of zeros."""
+        if not day or view["accounted_until"] is None:
+            return
+        oldest = state_view.oldest_day_kept(view["accounted_until"], self._tz)
+        if day < oldest:
+            raise InvalidField("day", f"per-day counters are kept for {state_view.DAYS_KEPT} days: from {oldest}")
 
     def agents(self, wanted: AgentFilter) -> list[AgentReport]:
         query: dict[str, Any] = {}

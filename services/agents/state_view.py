@@ -11,6 +11,10 @@ Time accounting:
   by reason) and per interaction phase (talk, hold, after-call work), split at
   midnight in the contact center's time zone;
 - adherence per scheduled shift: seconds whose actual state matches the plan.
+
+A view keeps the counters of its last DAYS_KEPT days and the shifts that ended within
+them: it is rewritten on every change of its agent, so it must not grow with the
+agent's years of service.  Older figures belong to reporting, not to the live view.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from services.agents.domain.state_machine import available_channels
 from services.kernel.envelope import epoch_seconds
 
 View = dict[str, Any]
+DAYS_KEPT = 92  # a quarter: this month's and last month's reports read the live view
 CONTACT_STATES = (AgentState.RESERVED, AgentState.BUSY, AgentState.AFTER_CALL_WORK)
 PRODUCTIVE_STATES = frozenset({AgentState.READY, *CONTACT_STATES})
 _STATE_COUNTER = {
@@ -236,7 +241,22 @@ def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo) -
     if isinstance(event, AgentStateChanged):
         _state_changed(view, event, after, at, tz)
     view.update(available_on=available_channels(after), version=sequence)
+    _forget_before(view, at, tz)
     return view
+
+
+def oldest_day_kept(at: float, tz: ZoneInfo) -> str:
+    """The first day whose counters a view folded up to `at` still holds."""
+    return day_of(at - DAYS_KEPT * 86400, tz)
+
+
+def _forget_before(view: View, at: float, tz: ZoneInfo) -> None:
+    # By event time, not the clock: a replay of the log folds the same views.
+    cutoff, oldest = at - DAYS_KEPT * 86400, oldest_day_kept(at, tz)
+    if any(day < oldest for day in view["days"]):  # "YYYY-MM-DD" sorts as dates do
+        view["days"] = {day: counters for day, counters in view["days"].items() if day >= oldest}
+    if any(shift["end"] < cutoff for shift in view["shifts"].values()):
+        view["shifts"] = {key: shift for key, shift in view["shifts"].items() if shift["end"] >= cutoff}
 
 
 def _state_changed(view: View, event: AgentStateChanged, after: Agent, at: float, tz: ZoneInfo) -> None:

@@ -180,6 +180,9 @@ def test_counters_and_adherence_after_a_scripted_shift(service: AgentsService) -
         reply = service.change(agent, transition, at=when, **fields)
     eventually(lambda: projected_version(agent, reply.version))
 
+    too_old = rpc_error(service.stub.GetAgentState, pb.GetAgentRequest(agent_id=agent, day="2026-08-01"))
+    assert too_old.code() == grpc.StatusCode.INVALID_ARGUMENT and ("field", "day") in too_old.trailing_metadata()
+    assert "kept for 92 days: from 2026-08-02" in (too_old.details() or "")
     view = service.stub.GetAgentState(pb.GetAgentRequest(agent_id=agent, day="2026-11-02"))
     c = view.today
     assert (view.state, c.day, c.handled) == (S.LOGGED_OUT, "2026-11-02", 2)

@@ -162,3 +162,21 @@ def test_folding_and_reading_never_change_an_earlier_view() -> None:
     assert len(kept) == 11
     for view, snapshot in kept:
         assert view == snapshot
+
+
+def test_a_view_keeps_the_counters_and_shifts_of_its_last_days_only() -> None:
+    """A view is rewritten on every change of its agent: it must not grow for years."""
+    s = scripted_shift()  # 2026-11-02, with a shift 08:00-10:00
+    s.do(at(11, 0), T.LOG_IN).do(at(11, 1), T.GO_READY)
+    still = at(11, 1) + timedelta(days=state_view.DAYS_KEPT - 1)
+    gone = at(11, 1) + timedelta(days=state_view.DAYS_KEPT + 1)
+    break_ = pb.AgentStateChanged(agent_id="a1", transition=T.GO_NOT_READY, state=pb.NOT_READY, reason=pb.BREAK)
+
+    kept = state_view.evolve(s.view, break_, still.timestamp(), s.agent.version + 1, UTC_ZONE)
+    assert "2026-11-02" in kept["days"] and set(kept["shifts"]) == {"s1"}
+    assert len(kept["days"]) == state_view.DAYS_KEPT  # every day since, ready all along
+
+    later = state_view.evolve(s.view, break_, gone.timestamp(), s.agent.version + 1, UTC_ZONE)
+    assert min(later["days"]) == state_view.oldest_day_kept(gone.timestamp(), UTC_ZONE) > "2026-11-02"
+    assert later["shifts"] == {} and len(later["days"]) == state_view.DAYS_KEPT + 1
+    assert later["days"][state_view.day_of(gone.timestamp(), UTC_ZONE)]["ready_s"] == 11 * 3600 + 60
