@@ -54,11 +54,18 @@ class AgentsApplication:
     def register_agent(
         self, command: domain.RegisterAgent, meta: Metadata, override_span: bool = False
     ) -> list[EventEnvelope]:
-        agent = self._agent(command.agent_id)
+        agent, team = self._agent(command.agent_id), self._team(command.team_id)
+
+        def join(team: domain.Team) -> list[Message]:
+            return domain.join_team(team, command.agent_id, override_span)
+
+        if domain.registration_interrupted(command, agent, team):  # a retry: finish it, answer as the first time
+            self._change_team(command.team_id, join, meta)
+            return self._agents.stored(command.agent_id)[:1]
         events = domain.register_agent(command, agent)
-        domain.join_team(self._team(command.team_id), command.agent_id, override_span)  # refuse before writing
+        join(team)  # refuse before writing
         envelopes = self._agents.save(command.agent_id, agent.version, events, meta)
-        self._change_team(command.team_id, lambda team: domain.join_team(team, command.agent_id, override_span), meta)
+        self._change_team(command.team_id, join, meta)
         return envelopes
 
     def change_state(self, command: domain.ChangeState, meta: Metadata, stamp_now: bool = False) -> list[EventEnvelope]:

@@ -39,6 +39,10 @@ class Repository:
     def load(self, aggregate_id: str) -> list[Message]:
         return [message for message, _ in self.history(aggregate_id)]
 
+    def stored(self, aggregate_id: str) -> list[EventEnvelope]:
+        """The aggregate's events as stored, envelopes and all (read from the store)."""
+        return self._store.load(aggregate_id)
+
     def history(self, aggregate_id: str) -> list[tuple[Message, datetime]]:
         """Every event of the aggregate with the time it happened, oldest first.
 

@@ -19,6 +19,7 @@ from centralino.v1.agents_pb2 import AgentState as S
 from centralino.v1.agents_pb2 import Transition as T
 from google.protobuf.timestamp_pb2 import Timestamp
 from kafka import KafkaProducer
+from opentelemetry.sdk.trace import TracerProvider
 
 from services.agents.adapters import AgentDocument, TeamDocument
 from services.agents.events import AGENT, REGISTRY, team_stream
@@ -28,7 +29,9 @@ from services.kernel.dead_letters import dead_letter_topic
 from services.kernel.envelope import Metadata, wrap
 from services.kernel.eventstore import EventStore, StoredEvent
 from services.kernel.kafka import Record, ensure_topics, make_producer
-from tests.helpers import eventually, read_topic
+from services.kernel.outbox import to_record
+from services.kernel.repository import Repository
+from tests.helpers import event_log, eventually, read_topic
 from tests.integration.conftest import AgentsService
 
 pytestmark = pytest.mark.integration
@@ -136,6 +139,27 @@ def test_unknown_agents_and_bad_fields_get_clear_statuses(service: AgentsService
     assert rpc_error(service.stub.GetAgentState, pb.GetAgentRequest(agent_id="bad-fields", day="2-11-2026")).code() == (
         grpc.StatusCode.INVALID_ARGUMENT
     )
+
+
+def test_a_registration_that_stopped_halfway_is_finished_by_a_retry(service: AgentsService) -> None:
+    """Registering is two writes (the agent, then its team): a crash in between left an
+    agent its team did not list, and the client's retry got ALREADY_EXISTS for ever."""
+    service.create_team("t-halfway")
+    store = EventStore(log_name="a-crashed-process")
+    agents = Repository(store, REGISTRY, service.settings.topic("agents"), AGENT)
+    meta = Metadata(correlation_id="c", causation_id="c", producer="a crashed process")
+    registered = pb.AgentRegistered(agent_id="halfway", name="Anna Rossi", team_id="t-halfway", seniority=pb.CONSULTANT)
+    with TracerProvider().get_tracer("test").start_as_current_span("the request that crashed"):
+        [first] = agents.save("halfway", 0, [registered], meta)  # the agent's write, and then the crash
+    unpublished, position = store.unpublished(10)  # published, as the crashed process's restart would
+    make_producer(service.settings.kafka_bootstrap, "test").send_all([to_record(e) for e in unpublished], 30)
+    store.mark_published(position, force=True)
+
+    retried = service.register("halfway", team_id="t-halfway")
+    assert (retried.version, retried.event_id) == (1, first.event_id)  # answered as the first time
+    joined = [e.agent_id for t, e in event_log(team_stream("t-halfway"), REGISTRY) if t == "agents.TeamMemberJoined"]
+    assert joined == ["halfway"]
+    assert rpc_error(service.register, "halfway", team_id="t-halfway").code() == grpc.StatusCode.ALREADY_EXISTS
 
 
 # ---- a scripted shift: exact counters and adherence ---------------------------------------

@@ -63,6 +63,18 @@ def test_an_agent_registers_once() -> None:
         domain.register_agent(VALID, agent)
 
 
+def test_a_registration_stopped_between_its_two_writes_is_finished_by_a_retry() -> None:
+    agent = domain.replay("anna.rossi", domain.register_agent(VALID, domain.Agent(agent_id="anna.rossi")))
+    team = domain.Team("team-1", version=1, exists=True)
+    assert domain.registration_interrupted(VALID, agent, team)  # registered, the team never heard of it
+    joined = domain.Team("team-1", version=2, exists=True, members=frozenset({"anna.rossi"}))
+    assert not domain.registration_interrupted(VALID, agent, joined)  # complete: a retry is AlreadyExists
+    elsewhere = domain.RegisterAgent(**{**VALID.__dict__, "team_id": "team-2"})
+    assert not domain.registration_interrupted(elsewhere, agent, domain.Team("team-2", exists=True))
+    never = domain.Agent(agent_id="anna.rossi")
+    assert not domain.registration_interrupted(VALID, never, team)  # a first registration
+
+
 @given(st.integers(min_value=-10, max_value=20))
 def test_proficiency_is_accepted_exactly_from_1_to_5(proficiency: int) -> None:
     command = domain.RegisterAgent(**{**VALID.__dict__, "skills": (("sales", proficiency),)})

@@ -13,6 +13,7 @@ from services.agents.domain.team import (
     create_team,
     join_team,
     leave_team,
+    registration_interrupted,
     replay_team,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "leave_team",
     "move_agent",
     "register_agent",
+    "registration_interrupted",
     "replay",
     "replay_team",
     "schedule_shift",

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from centralino.v1.agents_pb2 import TeamCreated, TeamLeaderAssigned, TeamMemberJoined, TeamMemberLeft
 from google.protobuf.message import Message
 
-from services.agents.domain.registration import check_identifier, check_name
+from services.agents.domain.agent import Agent
+from services.agents.domain.registration import RegisterAgent, check_identifier, check_name
 from services.kernel.errors import AlreadyExists, NotFound, PreconditionFailed
 
 SPAN_OF_CONTROL = (10, 16)  # industry norm: 1 leader to 10-16 agents (average team 11.7)
@@ -76,6 +77,13 @@ def assign_team_leader(command: AssignTeamLeader, team: Team) -> list[Message]:
             span_override=command.override_span_of_control,
         )
     ]
+
+
+def registration_interrupted(command: RegisterAgent, agent: Agent, team: Team) -> bool:
+    """A registration is two writes, the agent's and then its team's (no transactions
+    across aggregates).  If it stopped between them (a crash), the agent is registered
+    in a team that does not list it, and a retry of the same registration finishes it."""
+    return agent.registered and agent.team_id == command.team_id and command.agent_id not in team.members
 
 
 def join_team(team: Team, agent_id: str, override: bool) -> list[Message]:
