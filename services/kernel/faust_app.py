@@ -71,8 +71,7 @@ async def _park(app: faust.App, event: faust.EventT, reason: str) -> None:
     raw = message.headers or []
     pairs = raw.items() if isinstance(raw, Mapping) else raw
     headers = [(str(name), value if isinstance(value, bytes) else str(value).encode()) for name, value in pairs]
-    where = (message.topic, message.partition, message.offset)
-    await asyncio.to_thread(dead_letters.park, *where, message.key, message.value, headers, reason)
+    await asyncio.to_thread(dead_letters.park, *_place(event), message.key, message.value, headers, reason)
 
 
 def _watch_consumer_lag(app: faust.App) -> None:
