@@ -91,11 +91,13 @@ lint: setup
 # Routing benchmark (not a test): its own Kafka + database, the agents and routing servers,
 # open-loop load at rising rates; figures in bench/results/ (latest.md and a JSON per run).
 # Knobs: BENCH_STEPS, BENCH_STEP_S, BENCH_AGENTS, ... (see bench/routing.py).
-# Then FerretDB as released against our patched build (bench/ferretdb.py), side by side.
+# Then FerretDB as released against our patched build (bench/ferretdb.py), kafka-python against
+# librdkafka (bench/kafka_producers.py) and queue figures old against new (bench/queue_stats.py), side by side.
 bench: setup
 	$(PY) -m bench.routing
 	$(PY) -m bench.ferretdb
 	$(PY) -m bench.kafka_producers
+	$(PY) -m bench.queue_stats
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock:

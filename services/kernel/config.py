@@ -31,6 +31,9 @@ class Settings:
     # ("answered", "answered_and_abandoned" or "left_queue"; see routing/domain/stats.py).
     routing_queues_file: str = ""
     service_level_variant: str = "answered_and_abandoned"
+    # How long the router keeps a closed interaction in memory (late retries and
+    # desktops reconnecting answer from memory; after it, from the event store).
+    routing_closed_retention_s: float = 900.0
     # Threads per gRPC server: one per open stream (agent desktops) plus headroom.
     grpc_max_workers: int = 512
     # Observability.  Exporters are named by the standard OpenTelemetry variables,
@@ -92,6 +95,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         timezone=env.get("CENTRALINO_TIMEZONE", defaults.timezone),
         routing_queues_file=env.get("CENTRALINO_ROUTING_QUEUES", defaults.routing_queues_file),
         service_level_variant=env.get("CENTRALINO_SERVICE_LEVEL_VARIANT", defaults.service_level_variant),
+        routing_closed_retention_s=float(
+            env.get("CENTRALINO_ROUTING_CLOSED_RETENTION_S", defaults.routing_closed_retention_s)
+        ),
         grpc_max_workers=int(env.get("CENTRALINO_GRPC_MAX_WORKERS", defaults.grpc_max_workers)),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
         metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,

@@ -138,8 +138,8 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
             time.sleep(max(interval, 0.1))
 
     def _stats(self, queue_id: str) -> pb.QueueStats:
-        queue_config, kpis, ready, busy = self._router.queue_stats(queue_id)
-        return pb.QueueStats(
+        queue_config, kpis, since, ready, busy = self._router.queue_stats(queue_id)
+        stats = pb.QueueStats(
             queue_id=queue_id,
             waiting=kpis.waiting,
             longest_wait_s=kpis.longest_wait_s,
@@ -155,3 +155,5 @@ class RoutingServicer(routing_pb2_grpc.RoutingServiceServicer):
             abandoned=kpis.abandoned,
             service_level_variant=self._router.sl_variant,
         )
+        stats.counted_since.FromDatetime(since)
+        return stats

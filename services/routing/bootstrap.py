@@ -53,5 +53,16 @@ def bootstrap(settings: Settings) -> RoutingWiring:
             router.wake()
 
     feed = AgentFeed(settings.kafka_bootstrap, settings.topic("agents"), settings.zone, agent_changed)
-    router = Router(interactions, agents, feed, bus, queues, now, settings.service_level_variant, topic)
+    router = Router(
+        interactions,
+        agents,
+        feed,
+        bus,
+        queues,
+        now,
+        settings.service_level_variant,
+        topic,
+        settings.zone,
+        settings.routing_closed_retention_s,
+    )
     return RoutingWiring(RoutingServicer(router, bus), router, feed, relay)

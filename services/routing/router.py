@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import AgentState, Transition
@@ -38,7 +39,7 @@ from services.agents import state_view
 from services.agents.domain.agent import Agent, WorkItem
 from services.agents.domain.state_machine import available_channels
 from services.kernel.envelope import Metadata, new_id
-from services.kernel.errors import InvalidField, NotFound, PreconditionFailed
+from services.kernel.errors import ConcurrencyConflict, InvalidField, NotFound, PreconditionFailed
 from services.kernel.eventstore import StoredEvent
 from services.kernel.repository import Repository
 from services.kernel.telemetry import current_trace_headers
@@ -48,7 +49,7 @@ from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import OPEN, Interaction, S
 from services.routing.domain.matching import Candidate, plan
 from services.routing.domain.queues import QueueConfig, queue_for
-from services.routing.domain.stats import QueueKpis, queue_kpis
+from services.routing.domain.stats import DayTallies, QueueKpis, is_waiting, kpis
 from services.routing.events import REGISTRY
 from services.routing.offers import OfferBus
 
@@ -58,6 +59,7 @@ REFUSAL_COOLDOWN_S = 1.0
 MOVING_GRACE_S = 2.0
 RECONCILE_EVERY_S = 2.0  # after a refused reservation, let the agent feed catch up first
 WRITE_TIMEOUT_S = 30.0
+CLOSED = frozenset({S.COMPLETED, S.ABANDONED, S.CANCELLED})
 Clock = Callable[[], datetime]
 
 
@@ -72,6 +74,8 @@ class Router:
         clock: Clock,
         sl_variant: str,
         topic: str,
+        tz: ZoneInfo,
+        closed_retention_s: float,
     ) -> None:
         self._repo = interactions
         self._agents = agents
@@ -83,7 +87,11 @@ class Router:
         self.sl_variant = sl_variant
         self._topic = topic
         self._lock = threading.RLock()
-        self._all: dict[str, Interaction] = {}
+        self._all: dict[str, Interaction] = {}  # the open ones and those closed within the retention
+        self._tallies = DayTallies(self._queues, tz)  # the queues' figures: closed interactions need not stay
+        self._tz = tz
+        self._retention_s = closed_retention_s
+        self._closing: deque[tuple[float, str]] = deque()  # (closed at, id), oldest first: forgotten in turn
         self._open: dict[str, Interaction] = {}  # the ones still in play: routing passes look at these only
         self._stale: set[str] = set()  # a write failed: reload from the store
         self._unconfirmed: set[str] = set()  # offered, the agent's reservation not yet confirmed
@@ -111,6 +119,9 @@ class Router:
                 current = self._all.get(iid) or Interaction(interaction_id=iid)
                 self._put(domain.apply(current, REGISTRY.decode(envelope), at))
                 self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
+            closed = ((i.closed_at or 0.0, iid) for iid, i in self._all.items() if i.status in CLOSED)
+            self._closing = deque(sorted(closed))
+            self.forget_closed()
             return len(self._open)
 
     def start(self) -> None:
@@ -138,6 +149,7 @@ class Router:
                     self._next_reconcile = time.monotonic() + RECONCILE_EVERY_S
                     self.reconcile()
                 self.route_once()
+                self.forget_closed()
             except Exception:
                 log.exception("routing pass failed; retrying")
 
@@ -187,7 +199,12 @@ class Router:
         written.result(timeout=WRITE_TIMEOUT_S)
 
     def _put(self, interaction: Interaction) -> None:
-        self._all[interaction.interaction_id] = interaction
+        iid = interaction.interaction_id
+        before = self._all.get(iid)
+        self._tallies.count(before, interaction, self._clock().timestamp())
+        if interaction.status in CLOSED and (before is None or before.status not in CLOSED):
+            self._closing.append((interaction.closed_at or 0.0, iid))
+        self._all[iid] = interaction
         if interaction.status in OPEN:
             self._open[interaction.interaction_id] = interaction
         else:
@@ -203,6 +220,12 @@ class Router:
 
     def _reload(self, iid: str) -> Interaction:
         interaction = domain.replay(iid, self._repo.history(iid))
+        if not interaction.exists or self._past_retention(interaction):
+            # Never written, or closed and forgotten (counted) long ago: a late retry
+            # of its creation lost to the stored one.  What memory holds is the failure's.
+            self._drop(iid)
+            self._unconfirmed.discard(iid)
+            return interaction
         self._put(interaction)
         if interaction.status != S.OFFERED:
             self._unconfirmed.discard(iid)
@@ -210,9 +233,42 @@ class Router:
 
     def _get(self, iid: str) -> Interaction:
         interaction = self._all.get(iid)
-        if interaction is None:
+        if interaction is None:  # closed and forgotten (or unknown): its history answers
+            interaction = domain.replay(iid, self._repo.history(iid))
+        if not interaction.exists:
             raise NotFound(f"interaction {iid} does not exist")
         return interaction
+
+    # ---- forgetting closed interactions: memory holds the open ones and a recent past ----
+
+    def _past_retention(self, interaction: Interaction) -> bool:
+        closed_at = interaction.closed_at
+        return interaction.status in CLOSED and closed_at is not None and self._forget_at(closed_at)
+
+    def _forget_at(self, closed_at: float) -> bool:
+        return closed_at + self._retention_s <= self._clock().timestamp()
+
+    def forget_closed(self) -> int:
+        """Let go of the interactions closed longer than the retention ago: their figures
+        stay in the tallies, and a late request about one reads its history from the store."""
+        forgotten = 0
+        with self._lock:
+            while self._closing and self._forget_at(self._closing[0][0]):
+                _, iid = self._closing.popleft()
+                interaction = self._all.get(iid)
+                if interaction is not None and interaction.status in CLOSED:
+                    del self._all[iid]
+                    self._journey.pop(iid, None)
+                    forgotten += 1
+        return forgotten
+
+    def _drop(self, iid: str) -> None:
+        """Forget an interaction whose state in memory was never stored: take its figures back."""
+        before = self._all.pop(iid, None)
+        self._open.pop(iid, None)
+        self._journey.pop(iid, None)
+        if before is not None:
+            self._tallies.count(before, None, self._clock().timestamp())
 
     # ---- intake ----
 
@@ -232,7 +288,14 @@ class Router:
                 current, written = self._save(current, events, meta)
         self._wake.set()
         if events:
-            self._wait(written)
+            try:
+                self._wait(written)
+            except ConcurrencyConflict:  # a retry that came after the interaction was forgotten
+                with self._lock:
+                    stored = self._reload(command.interaction_id)
+                if not stored.exists:
+                    raise
+                return stored
         return current
 
     def abandon(self, iid: str, reason: str, meta: Metadata) -> Interaction:
@@ -616,13 +679,18 @@ class Router:
 
     # ---- supervisor side ----
 
-    def queue_stats(self, queue_id: str) -> tuple[QueueConfig, QueueKpis, int, int]:
+    def queue_stats(self, queue_id: str) -> tuple[QueueConfig, QueueKpis, datetime, int, int]:
+        """The queue's figures for today so far (since midnight in the contact center's
+        time zone), its agents ready and busy."""
         queue = self._queues.get(queue_id)
         if queue is None:
             raise NotFound(f"queue {queue_id} does not exist")
         with self._lock:
-            interactions = list(self._all.values())
-        kpis = queue_kpis(interactions, queue, self._clock().timestamp(), self.sl_variant)
+            now = self._clock().timestamp()
+            day, tally = self._tallies.today(queue_id, now)
+            waiting = [i for i in self._open.values() if is_waiting(i, queue_id)]
+        figures = kpis(queue, tally, waiting, now, self.sl_variant)
+        since = datetime.combine(day, datetime.min.time(), self._tz)
         ready = busy = 0
         target = queue.targets[0]
         for view in self._feed.views().values():
@@ -631,7 +699,7 @@ class Router:
                 continue
             ready += view["state"] == AgentState.READY
             busy += view["state"] in (AgentState.RESERVED, AgentState.BUSY, AgentState.AFTER_CALL_WORK)
-        return queue, kpis, ready, busy
+        return queue, figures, since, ready, busy
 
     def queue_ids(self) -> list[str]:
         return sorted(self._queues)

@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -233,6 +234,9 @@ def test_abandonment_counts_in_queue_statistics(platform: Platform) -> None:
     assert platform.routing.Abandon(pb.InteractionRef(interaction_id=iid, reason="hung up")).status == S.ABANDONED
     stats = platform.routing.GetQueueStats(pb.GetQueueStatsRequest(queue_id="fraud.pl"))
     assert (stats.offered, stats.abandoned, stats.abandonment_rate, stats.waiting) == (1, 1, 1.0, 0)
+    since = stats.counted_since.ToDatetime(tzinfo=UTC)  # today's midnight in the center's zone (UTC here)
+    assert (since.hour, since.minute, since.second) == (0, 0, 0)
+    assert timedelta(0) <= datetime.now(UTC) - since < timedelta(days=1)
     with pytest.raises(grpc.RpcError) as refused:
         platform.routing.Abandon(pb.InteractionRef(interaction_id=iid))
     error = refused.value

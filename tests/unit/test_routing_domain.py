@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
+from itertools import pairwise
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from centralino.v1.agents_pb2 import CHAT, VOICE
 from centralino.v1.routing_pb2 import INBOUND, OUTBOUND
 from centralino.v1.routing_pb2 import InteractionStatus as S
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.kernel.errors import InvalidField, PreconditionFailed
 from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import CreateInteraction, Interaction
 from services.routing.domain.matching import Candidate, plan
 from services.routing.domain.queues import QueueConfig, default_queues, inbound_queue, queue_for
-from services.routing.domain.stats import queue_kpis
+from services.routing.domain.stats import SL_VARIANTS, DayTallies, Tally, is_waiting, kpis, queue_kpis
 
 T0 = 1_800_000_000.0
 QUEUES = default_queues()
@@ -289,3 +295,119 @@ def test_a_transferred_interaction_counts_in_each_queue_it_visited() -> None:
     still_waiting = at_times(*[(0, created), (4, offered_to_anna), (10, accepted_by_anna), (100, to_support)])
     there = queue_kpis([still_waiting], support, T0 + 200, "answered")
     assert (there.offered, there.waiting, there.answered, there.longest_wait_s) == (1, 1, 0, 100)
+
+
+# ---- running tallies: the figures without keeping the interactions ----
+
+
+def tallied(
+    changes: Iterable[tuple[Interaction | None, Interaction | None]], now: float, tz: str = "UTC"
+) -> DayTallies:
+    tallies = DayTallies(QUEUES, ZoneInfo(tz))
+    for before, after in changes:
+        tallies.count(before, after, now)
+    return tallies
+
+
+def test_tallies_give_the_figures_of_the_interactions_themselves() -> None:
+    for variant in SL_VARIANTS:
+        _, tally = tallied([(None, i) for i in HISTORY], T0 + 130).today(CS_IT.queue_id, T0 + 130)
+        waiting_now = [i for i in HISTORY if is_waiting(i, CS_IT.queue_id)]
+        assert kpis(CS_IT, tally, waiting_now, T0 + 130, variant) == queue_kpis(HISTORY, CS_IT, T0 + 130, variant)
+
+
+def test_taking_back_each_earlier_state_leaves_the_figures_of_the_last() -> None:
+    """The router counts every change as (before, after): a transferred interaction's
+    states one after another must leave exactly what its final state adds, in both queues."""
+    support = QUEUES["technical_support.it"]
+    steps: list[tuple[float, object]] = [
+        (0, created),
+        (4, lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0)),
+        (6, lambda i: domain.end_offer(i, "anna", "rejected")),
+        (8, lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0)),
+        (10, lambda i: domain.accept(i, "anna")),
+        (100, lambda i: domain.transfer(i, "anna", support, "", warm=False)),
+        (130, lambda i: domain.offer(i, "marek", OFFER_UNTIL, 0)),
+        (160, lambda i: domain.accept(i, "marek")),
+        (200, lambda i: domain.end(i, "marek")),
+    ]
+    states = [at_times(*steps[:n]) for n in range(1, len(steps) + 1)]
+    changes = [(None, states[0]), *pairwise(states)]
+    tallies = tallied([*((None, i) for i in HISTORY), *changes], T0 + 300)
+    everything = [*HISTORY, states[-1]]
+    for queue in (CS_IT, support):
+        _, tally = tallies.today(queue.queue_id, T0 + 300)
+        waiting_now = [i for i in everything if is_waiting(i, queue.queue_id)]
+        expected = queue_kpis(everything, queue, T0 + 300, "answered")
+        assert kpis(queue, tally, waiting_now, T0 + 300, "answered") == expected
+        assert expected.offered == (6 if queue is CS_IT else 1)  # both visits count
+
+
+def test_a_new_day_starts_from_zero_and_yesterday_is_never_taken_back() -> None:
+    rome = "Europe/Rome"
+    midnight = datetime(2027, 1, 16, tzinfo=ZoneInfo(rome)).timestamp()
+    late = waiting("late", at=midnight - 10)
+    answered = replace(late, status=S.CONNECTED, answered_at=midnight + 10)
+    tallies = tallied([(None, late)], midnight - 5, rome)
+    assert tallies.today(CS_IT.queue_id, midnight - 5)[1].offered == 1
+    tallies.count(late, answered, midnight + 10)  # answered after midnight: still the day before's contact
+    day, tally = tallies.today(CS_IT.queue_id, midnight + 10)
+    assert (day.isoformat(), tally) == ("2027-01-16", Tally())
+    early = waiting("early", at=midnight + 20)
+    tallies.count(None, early, midnight + 20)
+    assert tallies.today(CS_IT.queue_id, midnight + 30)[1] == Tally(offered=1)
+
+
+STEPS: dict[str, Callable[[Interaction], list[Any]]] = {
+    "offer": lambda i: domain.offer(i, "anna", OFFER_UNTIL, 0),
+    "reject": lambda i: domain.end_offer(i, "anna", "rejected"),
+    "accept": lambda i: domain.accept(i, "anna"),
+    "end": lambda i: domain.end(i, "anna"),
+    "complete": lambda i: domain.complete(i, "anna", "billing", "resolved"),
+    "transfer": lambda i: domain.transfer(i, "anna", QUEUES["technical_support.it"], "", warm=False),
+    "escalate": lambda i: domain.transfer(i, "anna", QUEUES["sales.it"], "", warm=False, escalated=True),
+    "abandon": lambda i: domain.abandon(i, "hung up"),
+    "cancel": lambda i: domain.cancel(i, "withdrawn"),
+}
+LIVES = st.lists(
+    st.lists(
+        st.tuples(st.sampled_from(sorted(STEPS)), st.sampled_from([0.0, 2.5, 5.0, 15.0, 20.0, 30.0])), max_size=12
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(LIVES, st.sampled_from(SL_VARIANTS))
+def test_tallies_of_every_change_equal_the_walk_over_the_final_states(lives: list[Any], variant: str) -> None:
+    """Any lives (steps the domain refuses are skipped), counted change by change as the
+    router does, give the figures of walking the final states, in every queue they visited."""
+    changes: list[tuple[Interaction | None, Interaction | None]] = []
+    finals = []
+    for n, steps in enumerate(lives):
+        at, current = T0, Interaction(interaction_id=f"i{n}")
+        for step, gap in [("create", 0.0), *steps]:
+            decide = STEPS.get(step, created)
+            try:
+                events = decide(current)
+            except (PreconditionFailed, InvalidField):
+                continue
+            at += gap
+            before = current
+            for event in events:
+                current = domain.apply(current, event, at)
+            changes.append((before if before.exists else None, current))
+        finals.append(current)
+    now = T0 + 2000
+    tallies = tallied(changes, now)
+    for queue in (CS_IT, QUEUES["technical_support.it"], QUEUES["sales.it"]):
+        walked = queue_kpis(finals, queue, now, variant)
+        _, tally = tallies.today(queue.queue_id, now)
+        counted = kpis(queue, tally, [i for i in finals if is_waiting(i, queue.queue_id)], now, variant)
+        assert replace(counted, average_speed_of_answer_s=0.0, service_level=0.0, abandonment_rate=0.0) == replace(
+            walked, average_speed_of_answer_s=0.0, service_level=0.0, abandonment_rate=0.0
+        )
+        assert counted.average_speed_of_answer_s == pytest.approx(walked.average_speed_of_answer_s, abs=1e-6)
+        assert counted.service_level == pytest.approx(walked.service_level)
+        assert counted.abandonment_rate == pytest.approx(walked.abandonment_rate)

@@ -12,12 +12,24 @@ where by Amazon Connect's definition a short abandon meets the target.
 Each visit to a queue counts in that queue: a transferred interaction stays offered
 (and answered, with its speed of answer) in the queue it left, and is offered anew in
 the queue it went to, its wait there counted from the transfer.
+
+Every figure but the live ones (waiting, longest wait) is a sum over visits, so it is
+kept as a running `Tally` per queue and day: the router adds an interaction's share
+when it changes and takes its earlier share back (`DayTallies.count`), and never has
+to keep, or walk through, the interactions that have closed.  A visit counts in the
+day it entered the queue, in the contact center's time zone (as Genesys Cloud counts
+a conversation in the interval it started): an interaction queued before midnight and
+answered after it is part of the day before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import NamedTuple
+from zoneinfo import ZoneInfo
 
 from services.routing.domain.interaction import Interaction, S, Visit
 from services.routing.domain.queues import QueueConfig
@@ -38,8 +50,97 @@ class QueueKpis:
     abandonment_rate: float
 
 
+class Tally(NamedTuple):
+    """What a queue's visits add up to.  Integers only (waits in microseconds), so taking
+    a share back leaves exactly what was there before it was added.  A named tuple: the
+    router makes a few for every change of an interaction."""
+
+    offered: int = 0
+    answered: int = 0
+    answered_within: int = 0  # answered within the queue's service-level threshold
+    answer_wait_us: int = 0
+    abandoned: int = 0  # not counting the short abandons
+    short_abandoned: int = 0
+    abandoned_within: int = 0  # abandons (short ones too) that left within the threshold
+
+    def plus(self, other: Tally) -> Tally:
+        return Tally._make(map(operator.add, self, other))
+
+    def minus(self, other: Tally) -> Tally:
+        return Tally._make(map(operator.sub, self, other))
+
+
+Share = tuple[str, float, Tally]  # queue id, when the visit entered it, what it adds
+
+
+def shares(interaction: Interaction, queues: Mapping[str, QueueConfig]) -> list[Share]:
+    """What the interaction adds to the queues it visited (a cancelled one's current
+    visit adds nothing: the contact was withdrawn, not offered)."""
+    out = []
+    for visit in interaction.visits:
+        if (queue := queues.get(visit.queue_id)) is not None:
+            tally = _visit(queue, visit.enqueued_at or 0.0, visit.answered_at, None)
+            out.append((visit.queue_id, visit.enqueued_at or 0.0, tally))
+    current = queues.get(interaction.queue_id)
+    if current is not None and interaction.status != S.CANCELLED and interaction.exists:
+        enqueued = interaction.enqueued_at or 0.0
+        abandoned_at = (interaction.closed_at or enqueued) if interaction.status == S.ABANDONED else None
+        out.append((interaction.queue_id, enqueued, _visit(current, enqueued, interaction.answered_at, abandoned_at)))
+    return out
+
+
+def _visit(queue: QueueConfig, enqueued_at: float, answered_at: float | None, abandoned_at: float | None) -> Tally:
+    """One visit's share: offered, and answered or abandoned (short or not) if it was."""
+    threshold = queue.sla_threshold_s
+    if answered_at is not None:
+        wait = answered_at - (enqueued_at or answered_at)
+        return Tally(1, 1, int(wait <= threshold), round(wait * 1e6))
+    if abandoned_at is not None:
+        wait = abandoned_at - enqueued_at
+        short = wait < queue.short_abandon_s
+        return Tally(1, abandoned=int(not short), short_abandoned=int(short), abandoned_within=int(wait <= threshold))
+    return Tally(1)
+
+
+def _counted(interaction: Interaction) -> tuple[object, ...]:
+    """What an interaction's shares depend on (with the queues' settings)."""
+    outcome = interaction.status if interaction.status in (S.ABANDONED, S.CANCELLED) else 0
+    return (outcome, interaction.queue_id, interaction.enqueued_at, interaction.answered_at, interaction.visits)
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else 0.0
+
+
+def service_level(tally: Tally, variant: str) -> float:
+    if variant == "answered":
+        return _ratio(tally.answered_within, tally.answered)
+    if variant == "answered_and_abandoned":
+        return _ratio(tally.answered_within, tally.answered + tally.abandoned)
+    if variant == "left_queue":
+        left = tally.answered + tally.abandoned + tally.short_abandoned
+        return _ratio(tally.answered_within + tally.abandoned_within, left)
+    raise ValueError(f"service level variant must be one of {', '.join(SL_VARIANTS)}")
+
+
+def kpis(queue: QueueConfig, tally: Tally, waiting: Iterable[Interaction], now: float, variant: str) -> QueueKpis:
+    """The queue's KPIs from its tally and the interactions waiting in it now."""
+    waits = [now - (i.enqueued_at or now) for i in waiting]
+    return QueueKpis(
+        queue_id=queue.queue_id,
+        waiting=len(waits),
+        longest_wait_s=max(waits, default=0.0),
+        offered=tally.offered,
+        answered=tally.answered,
+        abandoned=tally.abandoned,
+        service_level=service_level(tally, variant),
+        average_speed_of_answer_s=_ratio(tally.answer_wait_us / 1e6, tally.answered),
+        abandonment_rate=_ratio(tally.abandoned, tally.offered - tally.short_abandoned),
+    )
+
+
+def is_waiting(interaction: Interaction, queue_id: str) -> bool:
+    return interaction.queue_id == queue_id and interaction.status in (S.QUEUED, S.OFFERED)
 
 
 def _visits(interactions: Iterable[Interaction], queue_id: str) -> tuple[list[Interaction], list[Visit]]:
@@ -54,6 +155,8 @@ def _visits(interactions: Iterable[Interaction], queue_id: str) -> tuple[list[In
 
 
 def queue_kpis(interactions: Iterable[Interaction], queue: QueueConfig, now: float, variant: str) -> QueueKpis:
+    """The KPIs of every visit of `interactions` to the queue, whatever the day, by walking
+    them all: the definition the running tallies are checked against (tests, bench)."""
     mine, moved_on = _visits(interactions, queue.queue_id)
     threshold = queue.sla_threshold_s
     waiting = [i for i in mine if i.status in (S.QUEUED, S.OFFERED)]
@@ -87,3 +190,54 @@ def queue_kpis(interactions: Iterable[Interaction], queue: QueueConfig, now: flo
         average_speed_of_answer_s=_ratio(sum(answer_waits), answered_count),
         abandonment_rate=_ratio(len(counted_abandons), len(mine) + len(moved_on) - len(short)),
     )
+
+
+class DayTallies:
+    """Each queue's tally per day (by the enqueue time of each visit), from the current
+    day on.
+
+    `count(before, after, now)` keeps them in step with one interaction's change.  Days
+    before the current one are dropped, and a share of a dropped day is neither added nor
+    taken back later, so what remains is always exact."""
+
+    def __init__(self, queues: Mapping[str, QueueConfig], tz: ZoneInfo) -> None:
+        self._queues = queues
+        self._tz = tz
+        self._today: date | None = None
+        self._tallies: dict[tuple[date, str], Tally] = {}
+        self._known = (0.0, 0.0, date.min)  # a day's [start, end) as timestamps, and the day
+
+    def _day_of(self, at: float) -> date:
+        start, end, day = self._known
+        if start <= at < end:  # nearly always: time zone arithmetic only once a day
+            return day
+        day = datetime.fromtimestamp(at, self._tz).date()
+        start = datetime.combine(day, datetime.min.time(), self._tz).timestamp()
+        end = datetime.combine(day + timedelta(days=1), datetime.min.time(), self._tz).timestamp()
+        self._known = (start, end, day)
+        return day
+
+    def advance(self, now: float) -> date:
+        """Move to the day of `now`, dropping the days before it."""
+        today = self._day_of(now)
+        if self._today is None or today > self._today:
+            self._today = today
+            self._tallies = {key: tally for key, tally in self._tallies.items() if key[0] >= today}
+        return self._today
+
+    def count(self, before: Interaction | None, after: Interaction | None, now: float) -> None:
+        if before is not None and after is not None and _counted(before) == _counted(after):
+            return  # most changes (offered, ended, completed) leave the figures as they were
+        today = self.advance(now)
+        for interaction, sign in ((before, -1), (after, 1)):
+            if interaction is None:
+                continue
+            for queue_id, enqueued_at, share in shares(interaction, self._queues):
+                key = (self._day_of(enqueued_at), queue_id)
+                if key[0] >= today:
+                    kept = self._tallies.get(key, Tally())
+                    self._tallies[key] = kept.plus(share) if sign > 0 else kept.minus(share)
+
+    def today(self, queue_id: str, now: float) -> tuple[date, Tally]:
+        today = self.advance(now)
+        return today, self._tallies.get((today, queue_id), Tally())

@@ -1,0 +1,130 @@
+"""The router keeps the open interactions and a recent past, not every interaction ever:
+queue figures are running tallies, and a request about a forgotten interaction is
+answered from its history in the real event store.
+
+The router runs in this process on a clock the test moves (no agents, so nothing is
+offered and its routing thread is not needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import grpc
+import pytest
+from centralino.v1 import routing_pb2 as pb
+from centralino.v1.agents_pb2 import CHAT
+
+from services.kernel import eventstore
+from services.kernel.config import Settings
+from services.kernel.envelope import Metadata
+from services.kernel.errors import PreconditionFailed
+from services.kernel.repository import Repository
+from services.routing.agent_feed import AgentFeed
+from services.routing.agents_port import AgentsPort
+from services.routing.domain.interaction import CreateInteraction, S
+from services.routing.domain.queues import default_queues
+from services.routing.events import INTERACTION, REGISTRY
+from services.routing.offers import OfferBus
+from services.routing.router import Router
+
+pytestmark = pytest.mark.integration
+
+ZONE = ZoneInfo("Europe/Rome")
+RETENTION_S = 60.0
+QUEUE = "customer_service.it"
+META = Metadata(correlation_id="c-1", causation_id="cmd-1", producer="test")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.at = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)  # 10:00 in Rome
+
+    def __call__(self) -> datetime:
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        self.at += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def make_router(mongo: Settings, clock: Clock) -> Iterator[object]:
+    eventstore.ensure_indexes()
+    topic = mongo.topic("routing")
+    store = eventstore.EventStore(log_name=topic)
+    channel = grpc.insecure_channel("127.0.0.1:9")  # the agents service: never called, nobody is ready
+    routers: list[Router] = []
+
+    def make() -> Router:
+        router = Router(
+            Repository(store, REGISTRY, topic, INTERACTION),
+            AgentsPort(channel),
+            AgentFeed(mongo.kafka_bootstrap, mongo.topic("agents"), ZONE, lambda _: None),  # not started: no agents
+            OfferBus(),
+            default_queues(),
+            clock,
+            "answered_and_abandoned",
+            topic,
+            ZONE,
+            RETENTION_S,
+        )
+        routers.append(router)
+        return router
+
+    yield make
+    channel.close()
+
+
+def new(iid: str) -> CreateInteraction:
+    return CreateInteraction(iid, CHAT, pb.INBOUND, "+39 333 1234567", "it", "customer_service")
+
+
+def figures(router: Router) -> tuple[object, ...]:
+    _, kpis, since, _, _ = router.queue_stats(QUEUE)
+    return kpis.offered, kpis.answered, kpis.abandoned, kpis.waiting, kpis.service_level, since
+
+
+def test_closed_interactions_are_forgotten_but_still_counted_and_answered_from_the_store(
+    make_router, clock: Clock
+) -> None:
+    router = make_router()
+    for iid in ("gave-up", "withdrawn", "patient"):
+        router.create(new(iid), "")
+    clock.advance(30)
+    router.abandon("gave-up", "hung up", META)  # 30 s: over the short-abandon threshold
+    router.cancel("withdrawn", "campaign stopped", META)
+    counted = figures(router)
+    assert counted[:4] == (2, 0, 1, 1)  # the cancelled one was never offered to the queue
+
+    clock.advance(RETENTION_S - 1)
+    assert router.forget_closed() == 0
+    clock.advance(2)
+    assert router.forget_closed() == 2
+    assert figures(router) == counted
+
+    with pytest.raises(PreconditionFailed) as refused:  # from its history: still a clear refusal
+        router.abandon("gave-up", "hung up again", META)
+    assert refused.value.details == {"current-state": "ABANDONED"}
+    retried = router.create(new("gave-up"), "")  # the client's late retry of the creation
+    assert (retried.status, retried.version) == (S.ABANDONED, 2)
+    assert figures(router) == counted  # not counted twice
+    assert router.forget_closed() == 0
+
+    restarted = make_router()
+    assert restarted.recover() == 1  # only "patient" is open; the others are forgotten at once
+    assert figures(restarted) == counted
+
+
+def test_a_new_day_counts_from_its_midnight(make_router, clock: Clock) -> None:
+    router = make_router()
+    router.create(new("early"), "")
+    clock.advance(15 * 3600)  # past midnight in Rome
+    offered, answered, abandoned, waiting, _, since = figures(router)
+    assert (offered, answered, abandoned, waiting) == (0, 0, 0, 1)  # yesterday's contact still waits
+    assert since == datetime(2026, 11, 25, tzinfo=ZONE)
