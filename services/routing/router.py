@@ -267,6 +267,7 @@ class Router:
         before = self._all.pop(iid, None)
         self._open.pop(iid, None)
         self._journey.pop(iid, None)
+        self._announced.discard(iid)
         if before is not None:
             self._tallies.count(before, None, self._clock().timestamp())
 
