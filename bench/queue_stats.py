@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 
 from centralino.v1.agents_pb2 import CHAT
 
+from bench.routing import git_info
 from services.kernel.config import Settings
 from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import OPEN, CreateInteraction, Interaction
@@ -144,7 +145,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         "# Queue figures: walking every interaction against running tallies",
         "",
-        f"Run {result['started_utc']}, commit {result['commit']}.  Command: `{result['command']}`.  "
+        f"Run {result['started_utc']}, commit {result['git']['commit']}.  Command: `{result['command']}`.  "
         f"Queue `{QUEUE.queue_id}`, {OPEN_NOW} interactions in play, service level `{VARIANT}`; best of repeats.",
         "",
         "| interactions seen | walk all (old), ms | tallies (new), ms | old / new | count, us per interaction |",
@@ -175,10 +176,9 @@ def main() -> int:
     per = bytes_per_interaction()
     day_old = per * RATE * 86_400 / 1e6
     retained = per * RATE * RETENTION_S / 1e6
-    commit = os.popen("git rev-parse --short HEAD 2>/dev/null").read().strip()
     result: dict[str, Any] = {
         "started_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "commit": commit,
+        "git": git_info(),
         "command": "make bench (python -m bench.queue_stats)",
         "sizes": sizes,
         "memory": {

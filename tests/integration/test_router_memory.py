@@ -7,7 +7,7 @@ offered and its routing thread is not needed)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -54,15 +54,14 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def make_router(mongo: Settings, clock: Clock) -> Iterator[object]:
+def make_router(mongo: Settings, clock: Clock) -> Iterator[Callable[[], Router]]:
     eventstore.ensure_indexes()
     topic = mongo.topic("routing")
     store = eventstore.EventStore(log_name=topic)
     channel = grpc.insecure_channel("127.0.0.1:9")  # the agents service: never called, nobody is ready
-    routers: list[Router] = []
 
     def make() -> Router:
-        router = Router(
+        return Router(
             Repository(store, REGISTRY, topic, INTERACTION),
             AgentsPort(channel),
             AgentFeed(mongo.kafka_bootstrap, mongo.topic("agents"), ZONE, lambda _: None),  # not started: no agents
@@ -74,8 +73,6 @@ def make_router(mongo: Settings, clock: Clock) -> Iterator[object]:
             ZONE,
             RETENTION_S,
         )
-        routers.append(router)
-        return router
 
     yield make
     channel.close()
@@ -91,7 +88,7 @@ def figures(router: Router) -> tuple[object, ...]:
 
 
 def test_closed_interactions_are_forgotten_but_still_counted_and_answered_from_the_store(
-    make_router, clock: Clock
+    make_router: Callable[[], Router], clock: Clock
 ) -> None:
     router = make_router()
     for iid in ("gave-up", "withdrawn", "patient"):
@@ -121,7 +118,7 @@ def test_closed_interactions_are_forgotten_but_still_counted_and_answered_from_t
     assert figures(restarted) == counted
 
 
-def test_a_new_day_counts_from_its_midnight(make_router, clock: Clock) -> None:
+def test_a_new_day_counts_from_its_midnight(make_router: Callable[[], Router], clock: Clock) -> None:
     router = make_router()
     router.create(new("early"), "")
     clock.advance(15 * 3600)  # past midnight in Rome

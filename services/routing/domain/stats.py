@@ -79,8 +79,8 @@ def shares(interaction: Interaction, queues: Mapping[str, QueueConfig]) -> list[
     out = []
     for visit in interaction.visits:
         if (queue := queues.get(visit.queue_id)) is not None:
-            tally = _visit(queue, visit.enqueued_at or 0.0, visit.answered_at, None)
-            out.append((visit.queue_id, visit.enqueued_at or 0.0, tally))
+            enqueued = visit.enqueued_at or 0.0
+            out.append((visit.queue_id, enqueued, _visit(queue, enqueued, visit.answered_at, None)))
     current = queues.get(interaction.queue_id)
     if current is not None and interaction.status != S.CANCELLED and interaction.exists:
         enqueued = interaction.enqueued_at or 0.0
@@ -93,7 +93,7 @@ def _visit(queue: QueueConfig, enqueued_at: float, answered_at: float | None, ab
     """One visit's share: offered, and answered or abandoned (short or not) if it was."""
     threshold = queue.sla_threshold_s
     if answered_at is not None:
-        wait = answered_at - (enqueued_at or answered_at)
+        wait = answered_at - enqueued_at
         return Tally(1, 1, int(wait <= threshold), round(wait * 1e6))
     if abandoned_at is not None:
         wait = abandoned_at - enqueued_at
