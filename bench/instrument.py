@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import os
 import pickle
 import runpy
@@ -143,6 +144,24 @@ def instrument_common() -> None:
     )
 
 
+def time_gc() -> None:
+    """Record every collection of Python's cyclic garbage collector: a pause of the whole
+    process (every thread waits), which a latency percentile feels."""
+    started: dict[int, float] = {}
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        generation = info["generation"]
+        if phase == "start":
+            started[generation] = time.monotonic()
+        elif generation in started:
+            begun = started.pop(generation)
+            _slot(f"python gc collection, generation {generation}").append(
+                (begun, time.monotonic() - begun, float(info.get("collected", 0)))
+            )
+
+    gc.callbacks.append(callback)
+
+
 def instrument_routing() -> None:
     from services.routing import agent_feed, agents_port, api, offers, router
 
@@ -235,6 +254,7 @@ def _dump() -> None:
 def main() -> None:
     target = os.environ["BENCH_TARGET_MODULE"]
     instrument_common()
+    time_gc()
     if target.startswith("services.routing"):
         instrument_routing()
     elif target.startswith("services.agents"):

@@ -18,12 +18,9 @@ from collections import defaultdict
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import DecodeError
-from kafka import KafkaConsumer
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import TopicPartition
 
 from services.kernel.envelope import read_envelope
-from services.kernel.kafka import whole_topic_consumer
+from services.kernel.kafka import Consumed, TopicReader
 
 log = logging.getLogger(__name__)
 STATE_CHANGED = "agents.AgentStateChanged"
@@ -50,7 +47,7 @@ class TeamWatchHub:
         self._topic = topic
         self._max_backlog = max_backlog
         self._subscribers: dict[str, set[queue.Queue[pb.AgentStateChange]]] = defaultdict(set)
-        self._next: dict[TopicPartition, int] = {}  # per partition, the next offset to deliver
+        self._next: dict[int, int] = {}  # per partition, the next offset to deliver
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -86,7 +83,7 @@ class TeamWatchHub:
                 log.warning("dropping a WatchTeam subscriber of team %s: backlog full", change.team_id)
                 self.unsubscribe(change.team_id, subscription)
 
-    def _deliver(self, record: ConsumerRecord) -> None:
+    def _deliver(self, record: Consumed) -> None:
         # Skipping a record no one can read beats reconnecting past live changes.
         envelope = read_envelope(record.value, record.topic, record.partition, record.offset)
         if envelope is None or envelope.event_type != STATE_CHANGED:
@@ -96,24 +93,25 @@ class TeamWatchHub:
         except DecodeError:
             log.warning("team watch skips event %s: not an agent state change it can read", envelope.event_id)
 
-    def _consumer(self) -> KafkaConsumer:
-        consumer, _, ends = whole_topic_consumer(self._bootstrap, self._topic)
-        for partition, end in ends.items():  # first live changes only, from the end; then where it was
+    def _reader(self) -> TopicReader:
+        reader = TopicReader(self._bootstrap, self._topic, client_id="centralino-agents-team-watch")
+        for partition, end in reader.ends.items():  # first live changes only, from the end; then where it was
             self._next.setdefault(partition, end)
-            consumer.seek(partition, self._next[partition])
-        return consumer
+        reader.start_at(self._next)
+        return reader
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                consumer = self._consumer()
+                reader = self._reader()
                 self._ready.set()
-                while not self._stopping.is_set():
-                    for partition, records in consumer.poll(timeout_ms=200).items():
-                        for record in records:
+                try:
+                    while not self._stopping.is_set():
+                        for record in reader.poll(timeout_s=0.2):
                             self._deliver(record)
-                            self._next[partition] = record.offset + 1
-                consumer.close()
+                            self._next[record.partition] = record.offset + 1
+                finally:
+                    reader.close()
             except Exception:  # broker outage: keep the streams open, reconnect
                 log.exception("team watch lost Kafka; reconnecting")
                 self._stopping.wait(2.0)

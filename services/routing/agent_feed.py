@@ -16,15 +16,12 @@ from datetime import UTC
 from zoneinfo import ZoneInfo
 
 from centralino.v1.envelope_pb2 import EventEnvelope
-from kafka import KafkaConsumer
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import TopicPartition
 
 from services.agents import state_view
 from services.agents.events import AGENT
 from services.agents.events import REGISTRY as AGENT_EVENTS
 from services.kernel.envelope import UnknownEventType, read_envelope
-from services.kernel.kafka import whole_topic_consumer
+from services.kernel.kafka import Consumed, TopicReader
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +72,7 @@ class AgentFeed:
             self._views[envelope.aggregate_id] = state_view.evolve(view, event, at, envelope.sequence, self.tz)
         self._on_change(envelope.aggregate_id)
 
-    def _fold(self, record: ConsumerRecord) -> None:
+    def _fold(self, record: Consumed) -> None:
         """Fold one record; skip, with a warning, one no retry could ever read.
 
         A record that is not an envelope, or an event type this router does not know yet
@@ -92,23 +89,24 @@ class AgentFeed:
         except UnknownEventType as unknown:
             log.warning("agent feed skips record %s-%d@%d: unknown event type %s", *place, unknown)
 
-    def _consumer(self) -> tuple[KafkaConsumer, dict[TopicPartition, int]]:
-        consumer, beginnings, ends = whole_topic_consumer(self._bootstrap, self._topic)
-        for partition, offset in beginnings.items():  # the whole history: every agent's state
-            consumer.seek(partition, offset)
-        return consumer, ends
+    def _reader(self) -> TopicReader:
+        reader = TopicReader(self._bootstrap, self._topic, client_id="centralino-routing-agent-feed")
+        reader.start_at(reader.beginnings)  # the whole history: every agent's state
+        return reader
 
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                consumer, ends = self._consumer()
-                while not self._stopping.is_set():
-                    for records in consumer.poll(timeout_ms=100).values():
-                        for record in records:
+                reader = self._reader()
+                ends = reader.ends
+                try:
+                    while not self._stopping.is_set():
+                        for record in reader.poll(timeout_s=0.1):
                             self._fold(record)
-                    if not self._caught_up.is_set() and all(consumer.position(p) >= end for p, end in ends.items()):
-                        self._caught_up.set()
-                consumer.close()
-            except Exception:  # broker outage: the views stay, positions are re-read
+                        if not self._caught_up.is_set() and all(reader.position(p) >= end for p, end in ends.items()):
+                            self._caught_up.set()
+                finally:
+                    reader.close()
+            except Exception:  # no broker at start: the views stay, positions are re-read
                 log.exception("agent feed lost Kafka; reconnecting")
                 self._stopping.wait(2.0)

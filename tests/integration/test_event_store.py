@@ -236,3 +236,42 @@ def test_events_land_on_the_partition_the_java_client_and_faust_choose(mongo: Se
     java = DefaultPartitioner()
     assert [where.partition for where in landed] == [java(key, [0, 1, 2], [0, 1, 2]) for key in keys]
     assert len({where.partition for where in landed}) == 3
+
+
+def test_a_topic_reader_reads_every_partition_from_the_offsets_it_is_given(mongo: Settings) -> None:
+    """The whole-topic reader (the router's agent feed, the team watch): its beginnings and
+    ends are those of the topic when it was made, it reads each partition in order from where
+    it starts, and its positions say how far it has read."""
+    topic = mongo.topic("reader")
+    kafka.ensure_topics(mongo.kafka_bootstrap, [topic], partitions=3)
+    producer = kafka.make_producer(mongo.kafka_bootstrap, "test")
+    first = producer.send_all([(topic, f"a-{n}".encode(), f"1-{n}".encode(), []) for n in range(12)], timeout_s=30)
+    reader = kafka.TopicReader(mongo.kafka_bootstrap, topic, client_id="test-reader")
+    later = kafka.TopicReader(mongo.kafka_bootstrap, topic, client_id="test-reader-later")
+    try:
+        ends = {p: sum(1 for where in first if where.partition == p) for p in range(3)}
+        assert (reader.beginnings, reader.ends) == ({0: 0, 1: 0, 2: 0}, ends)
+        reader.start_at(reader.beginnings)
+        later.start_at(later.ends)  # from the end: only what comes after it was made
+        second = producer.send_all([(topic, b"a-0", b"2-0", [])], timeout_s=30)
+
+        def read_all(source: kafka.TopicReader, count: int) -> list[kafka.Consumed]:
+            records: list[kafka.Consumed] = []
+            for _ in range(100):
+                records += source.poll(timeout_s=0.1)
+                if len(records) >= count:
+                    break
+            return records
+
+        records = read_all(reader, 13)
+        assert sorted(r.value for r in records) == sorted([f"1-{n}".encode() for n in range(12)] + [b"2-0"])
+        for p in range(3):
+            offsets = [r.offset for r in records if r.partition == p]
+            assert offsets == list(range(len(offsets)))  # in order, none skipped
+            assert reader.position(p) == len(offsets)
+        assert [(r.partition, r.offset, r.value) for r in read_all(later, 1)] == [
+            (second[0].partition, second[0].offset, b"2-0")
+        ]
+    finally:
+        reader.close()
+        later.close()
