@@ -8,6 +8,7 @@ from services.agents import adapters, projections
 from services.kernel import kafka, mongo
 from services.kernel.config import load_settings
 from services.kernel.faust_app import create_app
+from services.kernel.heap import freeze_startup_objects
 from services.kernel.telemetry import setup_tracing
 
 
@@ -24,6 +25,7 @@ def main() -> None:
     if len(sys.argv) == 1:
         # No web server: projections expose nothing over HTTP, and several workers share a host.
         sys.argv += ["worker", "--loglevel", "info", "--without-web"]
+    freeze_startup_objects()
     app.main()
 
 

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.kernel import errors
 from services.kernel.grpc_telemetry import ServerTelemetry
+from services.kernel.heap import freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ def run_until_signalled(server: grpc.Server, name: str, address: str, background
     """Start the background workers and the server; on SIGTERM/SIGINT stop the server
     (5 s grace for calls in flight), then the workers in reverse order, so the outbox
     relay, started first, stops last and publishes what the last calls accepted."""
+    log.debug("froze %d start-up objects out of garbage collection", freeze_startup_objects())
     for worker in background:
         worker.start()
     server.start()
