@@ -51,8 +51,11 @@ def journey_hops(topic: str) -> list[Hop]:
         Hop("client", CONSOLE, "CLIENT", "centralino.v1.AgentsService/RegisterAgent", parent="journey"),
         Hop("server", AGENTS, "SERVER", "centralino.v1.AgentsService/RegisterAgent", parent="client"),
         Hop("event store", AGENTS, "CLIENT", "insert event_store", parent="server"),
-        Hop("kafka send", AGENTS, "PRODUCER", f"send {topic}", registered, parent="server"),
-        Hop("kafka process", PROJECTIONS, "CONSUMER", f"process {topic}", registered, parent="kafka send"),
+        # The relay sends a batch as one span, in its first record's trace (this one's, or
+        # CreateTeam's when both requests' events went in one batch); each record names the
+        # request that stored it, so the projection's span is that request's child.
+        Hop("kafka send", AGENTS, "PRODUCER", f"send {topic}"),
+        Hop("kafka process", PROJECTIONS, "CONSUMER", f"process {topic}", registered, parent="server"),
         Hop("read model", PROJECTIONS, "CLIENT", "update agents_view", parent="kafka process"),
     ]
 

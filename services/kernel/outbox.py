@@ -4,55 +4,65 @@ The command path only wakes the relay up; if Kafka is down the events wait in
 MongoDB and go out when it is back.  Consumers deduplicate by event id and
 sequence, so a resend after a crash between send and mark is harmless.
 
-Each record gets a PRODUCER span, child of the request that stored the event
-(its W3C context is kept with the event), and the record's `traceparent` names
-that span: the journey's trace continues through Kafka even though publishing
-happens after the request has returned.
+Each record's `traceparent` names the request that stored its event (its W3C
+context is kept with the event), so the journey's trace continues through Kafka
+even though publishing happens after the request has returned.  Each batch sent
+is one PRODUCER span, in the first record's trace, linked to the others'.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 from centralino.v1.envelope_pb2 import EventEnvelope
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
 from services.kernel.eventstore import EventStore, Unpublished
 from services.kernel.kafka import EventProducer, Headers, ensure_topics, make_producer
-from services.kernel.telemetry import context_from_headers, headers_for
+from services.kernel.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
 
 TRACER_NAME = "centralino.outbox"
+MAX_LINKS = 128  # the SDK's default span limit: requests past it are not linked
 
 
-def to_record(stored: Unpublished, trace_headers: Mapping[str, str] | None = None) -> tuple[str, bytes, bytes, Headers]:
-    """The Kafka record of a stored event; `trace_headers` (default: the request's) name its parent span."""
+def to_record(stored: Unpublished) -> tuple[str, bytes, bytes, Headers]:
+    """The Kafka record of a stored event, carrying the W3C context of the request that stored it."""
     envelope = EventEnvelope.FromString(stored.envelope)
     headers = cloudevents_headers(envelope)
-    chosen = (stored.trace_headers or {}) if trace_headers is None else trace_headers
-    headers += [(key, value.encode()) for key, value in chosen.items()]
+    headers += [(key, value.encode()) for key, value in (stored.trace_headers or {}).items()]
     return stored.topic, envelope.aggregate_id.encode(), stored.envelope, headers
 
 
-def _span_attributes(stored: Unpublished, envelope: EventEnvelope, client_id: str) -> dict[str, str]:
+def _links(batch: Sequence[Unpublished]) -> list[Link]:
+    """A link to each request whose events the batch carries (once per request)."""
+    contexts = {tuple(sorted((stored.trace_headers or {}).items())) for stored in batch}
+    links = []
+    for headers in sorted(contexts)[:MAX_LINKS]:
+        span_context = trace.get_current_span(context_from_headers(dict(headers))).get_span_context()
+        if span_context.is_valid:
+            links.append(Link(span_context))
+    return links
+
+
+def _span_attributes(topics: Sequence[str], count: int, client_id: str) -> dict[str, str | int]:
     # No message key: it is the aggregate id, and agent ids are people's names.
-    attributes = {
+    attributes: dict[str, str | int] = {
         "messaging.system": "kafka",
         "messaging.operation.name": "send",
         "messaging.operation.type": "send",
-        "messaging.destination.name": stored.topic,
-        "messaging.message.id": envelope.event_id,
-        "cloudevents.event_id": envelope.event_id,
-        "cloudevents.event_type": envelope.event_type,
-        "cloudevents.event_source": envelope.producer,
+        "messaging.batch.message_count": count,
     }
+    if len(topics) == 1:
+        attributes["messaging.destination.name"] = topics[0]
     if client_id:
         attributes["messaging.client.id"] = client_id
     return attributes
@@ -65,53 +75,44 @@ def publish(
     tracer: trace.Tracer | None = None,
     instruments: metrics.PublishMetrics | None = None,
 ) -> None:
-    """Send a batch, one PRODUCER span per record, and wait for every acknowledgement."""
+    """Send a batch, in one PRODUCER span, and wait for every acknowledgement.
+
+    Each record carries the context of the request that stored its event (its creation
+    context, in the messaging conventions' words), so the span of whoever consumes it
+    continues that request's trace.  The batch's span sits in the first record's trace
+    and links to the others' requests: a span per record cost the relays about a sixth
+    of the routing service's CPU, spans and their export together."""
     tracer = tracer or trace.get_tracer(TRACER_NAME)
     instruments = instruments or metrics.instruments(metrics.PublishMetrics)
-    client_id = producer.client_id
-    spans = []
-    records = []
-    for stored in batch:
-        envelope = EventEnvelope.FromString(stored.envelope)
-        span = tracer.start_span(
-            f"send {stored.topic}",
-            context=context_from_headers(stored.trace_headers or {}),
-            kind=SpanKind.PRODUCER,
-            attributes=_span_attributes(stored, envelope, client_id),
-        )
-        spans.append(span)
-        records.append(to_record(stored, headers_for(span)))
+    topics = sorted({stored.topic for stored in batch})
+    span = tracer.start_span(
+        f"send {topics[0]}" if len(topics) == 1 else "send",
+        context=context_from_headers(batch[0].trace_headers or {}),
+        kind=SpanKind.PRODUCER,
+        links=_links(batch),
+        attributes=_span_attributes(topics, len(batch), producer.client_id),
+    )
+    sent = Counter(stored.topic for stored in batch)
     try:
-        landed = producer.send_all(records, timeout_s=timeout_s)
+        producer.send_all([to_record(stored) for stored in batch], timeout_s=timeout_s)
     except Exception as exc:
-        for span, stored in zip(spans, batch, strict=True):
-            span.set_attribute("error.type", type(exc).__qualname__)
-            span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
-            span.end()
-            instruments.sent.add(
-                1,
-                {
-                    "messaging.system": "kafka",
-                    "messaging.operation.name": "send",
-                    "messaging.destination.name": stored.topic,
-                    "error.type": type(exc).__qualname__,
-                },
-            )
-        raise
-    now = datetime.now(UTC)
-    for span, stored, where in zip(spans, batch, landed, strict=True):
-        span.set_attributes(
-            {"messaging.destination.partition.id": str(where.partition), "messaging.kafka.offset": where.offset}
-        )
+        span.set_attribute("error.type", type(exc).__qualname__)
+        span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
         span.end()
-        attributes = {
-            "messaging.system": "kafka",
-            "messaging.operation.name": "send",
-            "messaging.destination.name": stored.topic,
-        }
-        instruments.sent.add(1, attributes)
+        for topic, count in sent.items():
+            instruments.sent.add(count, {**_metric_attributes(topic), "error.type": type(exc).__qualname__})
+        raise
+    span.end()
+    for topic, count in sent.items():
+        instruments.sent.add(count, _metric_attributes(topic))
+    now = datetime.now(UTC)
+    for stored in batch:
         recorded_at = stored.recorded_at if stored.recorded_at.tzinfo else stored.recorded_at.replace(tzinfo=UTC)
-        instruments.outbox_lag.record(max((now - recorded_at).total_seconds(), 0.0), attributes)
+        instruments.outbox_lag.record(max((now - recorded_at).total_seconds(), 0.0), _metric_attributes(stored.topic))
+
+
+def _metric_attributes(topic: str) -> dict[str, str]:
+    return {"messaging.system": "kafka", "messaging.operation.name": "send", "messaging.destination.name": topic}
 
 
 class OutboxRelay:

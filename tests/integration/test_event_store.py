@@ -11,18 +11,23 @@ import pytest
 from centralino.v1 import agents_pb2 as pb
 from centralino.v1.envelope_pb2 import CommitBatch, CommittedEvent, EventEnvelope
 from kafka.partitioner.default import DefaultPartitioner
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from infra.stack import free_port
 from services.agents import adapters
 from services.agents.adapters import AgentDocument
 from services.agents.events import AGGREGATE_TYPE, REGISTRY
 from services.agents.projections import projector
-from services.kernel import eventstore, kafka
+from services.kernel import eventstore, kafka, outbox
 from services.kernel.config import Settings
-from services.kernel.envelope import Metadata
+from services.kernel.envelope import Metadata, wrap
 from services.kernel.errors import ConcurrencyConflict
 from services.kernel.outbox import OutboxRelay
 from services.kernel.repository import Repository
+from services.kernel.telemetry import headers_for
 from tests.helpers import read_topic
 
 pytestmark = pytest.mark.integration
@@ -275,3 +280,43 @@ def test_a_topic_reader_reads_every_partition_from_the_offsets_it_is_given(mongo
     finally:
         reader.close()
         later.close()
+
+
+def test_a_batch_is_one_producer_span_and_each_record_names_its_own_request(mongo: Settings) -> None:
+    """The relay's batch is one PRODUCER span, child of its first record's request and linked
+    to every request it carries; each record's traceparent names the request that stored its
+    event, so its consumer continues that request's trace (its creation context)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    topic = mongo.topic("batch-span")
+    kafka.ensure_topics(mongo.kafka_bootstrap, [topic], partitions=3)
+    first, second = tracer.start_span("request 1"), tracer.start_span("request 2")
+    stored_by = {"agent-1": first, "agent-2": first, "agent-3": second}
+    batch = [
+        eventstore.Unpublished(
+            topic,
+            wrap(
+                registered(agent_id),
+                registry=REGISTRY,
+                aggregate_type=AGGREGATE_TYPE,
+                aggregate_id=agent_id,
+                sequence=1,
+                meta=META,
+            ).SerializeToString(),
+            headers_for(request),
+            datetime.now(UTC),
+        )
+        for agent_id, request in stored_by.items()
+    ]
+    outbox.publish(kafka.make_producer(mongo.kafka_bootstrap, "relay"), batch, timeout_s=30, tracer=tracer)
+
+    [span] = [s for s in exporter.get_finished_spans() if s.kind == SpanKind.PRODUCER]
+    assert span.name == f"send {topic}"
+    assert span.parent is not None and span.parent.span_id == first.get_span_context().span_id
+    assert {link.context.span_id for link in span.links} == {r.get_span_context().span_id for r in (first, second)}
+    assert span.attributes is not None and span.attributes["messaging.batch.message_count"] == 3
+    records = read_topic(mongo.kafka_bootstrap, topic, expected=3)
+    parents = {record.key.decode(): dict(record.headers)["traceparent"].decode() for record in records}
+    assert parents == {agent_id: headers_for(request)["traceparent"] for agent_id, request in stored_by.items()}

@@ -239,9 +239,9 @@ def test_one_trace_holds_the_whole_journey(platform: Platform, journey: Journey)
     sent, processed = found["kafka send"]["tags"], found["kafka process"]["tags"]
     assert sent["messaging.system"] == processed["messaging.system"] == "kafka"
     assert sent["messaging.destination.name"] == processed["messaging.destination.name"] == topic
-    assert sent["messaging.message.id"] == processed["messaging.message.id"]
-    assert sent["messaging.destination.partition.id"] == processed["messaging.destination.partition.id"]
-    assert sent["messaging.kafka.offset"] == processed["messaging.kafka.offset"]
+    assert int(sent["messaging.batch.message_count"]) >= 1
+    assert found["kafka send"]["parentId"] in {s["id"] for s in view.spans if s.get("kind") == "SERVER"}
+    assert processed["messaging.message.id"] and processed["messaging.kafka.offset"]
     assert processed["messaging.consumer.group.name"] == platform.settings.consumer_group("agents-projections")
     assert found["read model"]["tags"]["db.collection.name"] == "agents_view"
     assert found["server"]["tags"]["rpc.response.status_code"] == "OK"
