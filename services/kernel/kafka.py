@@ -175,9 +175,15 @@ class TopicReader:
         self._consumer.assign([TopicPartition(self.topic, p, offset) for p, offset in offsets.items()])
 
     def poll(self, timeout_s: float, max_records: int = 500) -> list[Consumed]:
-        """The next records, in order per partition (none on timeout)."""
+        """The next records, in order per partition (none on timeout): waits for the first
+        one, then takes those already fetched without waiting.  One `consume(n, timeout)`
+        would hold what has arrived until n records did, or the timeout passed (the
+        router's picture of the agents trailed them by about 60 ms that way)."""
+        messages = self._consumer.consume(1, timeout_s)
+        if messages and max_records > 1:
+            messages += self._consumer.consume(max_records - 1, 0)
         records = []
-        for message in self._consumer.consume(max_records, timeout_s):
+        for message in messages:
             error = message.error()
             if error is None:
                 partition, offset = message.partition() or 0, message.offset() or 0
