@@ -112,6 +112,6 @@ class TeamWatchHub:
                             self._next[record.partition] = record.offset + 1
                 finally:
                     reader.close()
-            except Exception:  # broker outage: keep the streams open, reconnect
+            except Exception:  # no broker to start from, or a failure mid-batch: keep the streams open, start again
                 log.exception("team watch lost Kafka; reconnecting")
                 self._stopping.wait(2.0)
