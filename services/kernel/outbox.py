@@ -84,7 +84,9 @@ def publish(
     of the routing service's CPU, spans and their export together."""
     tracer = tracer or trace.get_tracer(TRACER_NAME)
     instruments = instruments or metrics.instruments(metrics.PublishMetrics)
-    topics = sorted({stored.topic for stored in batch})
+    sent = Counter(stored.topic for stored in batch)
+    topics = sorted(sent)
+    attributes = {topic: _metric_attributes(topic) for topic in topics}
     span = tracer.start_span(
         f"send {topics[0]}" if len(topics) == 1 else "send",
         context=context_from_headers(batch[0].trace_headers or {}),
@@ -92,7 +94,6 @@ def publish(
         links=_links(batch),
         attributes=_span_attributes(topics, len(batch), producer.client_id),
     )
-    sent = Counter(stored.topic for stored in batch)
     try:
         producer.send_all([to_record(stored) for stored in batch], timeout_s=timeout_s)
     except Exception as exc:
@@ -100,15 +101,15 @@ def publish(
         span.set_status(Status(StatusCode.ERROR, type(exc).__qualname__))
         span.end()
         for topic, count in sent.items():
-            instruments.sent.add(count, {**_metric_attributes(topic), "error.type": type(exc).__qualname__})
+            instruments.sent.add(count, {**attributes[topic], "error.type": type(exc).__qualname__})
         raise
     span.end()
     for topic, count in sent.items():
-        instruments.sent.add(count, _metric_attributes(topic))
+        instruments.sent.add(count, attributes[topic])
     now = datetime.now(UTC)
     for stored in batch:
         recorded_at = stored.recorded_at if stored.recorded_at.tzinfo else stored.recorded_at.replace(tzinfo=UTC)
-        instruments.outbox_lag.record(max((now - recorded_at).total_seconds(), 0.0), _metric_attributes(stored.topic))
+        instruments.outbox_lag.record(max((now - recorded_at).total_seconds(), 0.0), attributes[stored.topic])
 
 
 def _metric_attributes(topic: str) -> dict[str, str]:
