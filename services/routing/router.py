@@ -119,8 +119,8 @@ class Router:
                 current = self._all.get(iid) or Interaction(interaction_id=iid)
                 self._put(domain.apply(current, REGISTRY.decode(envelope), at))
                 self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
-            closed = ((i.closed_at or 0.0, iid) for iid, i in self._all.items() if i.status in CLOSED)
-            self._closing = deque(sorted(closed))
+            # _put queued each one as it closed, in log order (by interaction): by close time instead.
+            self._closing = deque(sorted(self._closing))
             self.forget_closed()
             return len(self._open)
 
