@@ -90,10 +90,8 @@ def projector(tz: ZoneInfo):  # type: ignore[no-untyped-def]
     return project
 
 
-# A batch: up to this many records, gathered for up to this long (also the most a quiet
-# topic's event waits before it is projected).
+# A batch: up to this many records, gathered for up to `Settings.projection_batch_s`.
 BATCH_MAX_RECORDS = 500
-BATCH_WITHIN_S = 0.05
 
 
 @dataclass
@@ -223,5 +221,5 @@ def register(app: faust.App, settings: Settings) -> None:
         decode=REGISTRY.decode,
         handle=project,
         max_records=BATCH_MAX_RECORDS,
-        within_s=BATCH_WITHIN_S,
+        within_s=settings.projection_batch_s,
     )

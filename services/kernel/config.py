@@ -36,6 +36,10 @@ class Settings:
     routing_closed_retention_s: float = 900.0
     # Threads per gRPC server: one per open stream (agent desktops) plus headroom.
     grpc_max_workers: int = 512
+    # How long a projection gathers events before writing its read models: the most a
+    # read model trails its topic when the topic is busy.  Longer windows fold more
+    # events into each document write (one per agent per batch).
+    projection_batch_s: float = 0.25
     # Observability.  Exporters are named by the standard OpenTelemetry variables,
     # with the specification's default ("otlp"); where each exporter sends to
     # (OTEL_EXPORTER_OTLP_*, OTEL_EXPORTER_ZIPKIN_*) is read by the exporter itself.
@@ -99,6 +103,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env.get("CENTRALINO_ROUTING_CLOSED_RETENTION_S", defaults.routing_closed_retention_s)
         ),
         grpc_max_workers=int(env.get("CENTRALINO_GRPC_MAX_WORKERS", defaults.grpc_max_workers)),
+        projection_batch_s=float(env.get("CENTRALINO_PROJECTION_BATCH_S", defaults.projection_batch_s)),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
         metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,
         otlp_protocol=env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() or defaults.otlp_protocol,
