@@ -805,7 +805,8 @@ def event_store_size(mongo_url: str, database: str) -> int | None:
 
         client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(mongo_url, serverSelectionTimeoutMS=5000)
         try:
-            return int(client[database]["event_store"].count_documents({}))
+            # Events only: the commit intents share the collection.
+            return int(client[database]["event_store"].count_documents({"event_id": {"$exists": True}}))
         finally:
             client.close()
     except Exception:

@@ -6,12 +6,18 @@ optimistic-concurrency check and every read is a lookup by `_id`: FerretDB v1 on
 SQLite pushes down nothing else and would scan the whole collection otherwise.
 
 Group commit: callers `submit` writes and wait on a future; one committer thread
-takes everything queued and commits it together, in two writes however many
-events there are:
+takes everything queued and commits it together, usually in one ordered insert:
 
-1. an *intent* in `event_commits`, "<log>#<n>", holding every event of the batch
-   (one binary `CommitBatch`): what the relay will publish, in order;
-2. the events themselves, `insert_many` (the concurrency check).
+1. first an *intent*, "~<log>#<n>", holding every event of the batch (one binary
+   `CommitBatch`): what the relay will publish, in order;
+2. then each aggregate's first event of the batch (these decide the races);
+3. then the aggregates' following events.
+
+An ordered insert stops at the first key already taken, so no event lands without
+its intent, nor after a race its aggregate lost; the rare insert that stops early
+goes on with what is left (`_insert_events`).  The intent shares the events'
+collection so that the whole batch is one round trip, and on FerretDB one
+transaction.  Intents written before that, in `event_commits`, are still read.
 
 The committer then hands the accepted events to the relay in memory, so in steady
 state the relay reads nothing back.  There are no multi-document transactions
@@ -45,7 +51,7 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import SpanKind
 from pymongo.collection import Collection
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, ServerSelectionTimeoutError
 
 from services.kernel.errors import ConcurrencyConflict
 
@@ -54,6 +60,10 @@ log = logging.getLogger(__name__)
 _DUPLICATE_KEY = 11000
 MAX_BATCH_EVENTS = 1000
 POSITION_EVERY_S = 1.0
+# FerretDB v1 inserts up to 100 documents in one transaction (its --test-batch-size), and
+# an ordered insert of more goes on past a duplicate key: a bigger commit writes its
+# intent alone first, then the events.
+ONE_INSERT_MAX_DOCS = 100
 
 
 def event_key(aggregate_id: str, sequence: int) -> str:
@@ -62,10 +72,16 @@ def event_key(aggregate_id: str, sequence: int) -> str:
 
 
 def commit_key(log_name: str, number: int) -> str:
+    # "~" starts no aggregate id, so an intent's key is never an event's.
+    return f"~{log_name}#{number:015d}"
+
+
+def legacy_commit_key(log_name: str, number: int) -> str:
     return f"{log_name}#{number:015d}"
 
 
 EVENTS_COLLECTION = "event_store"
+LEGACY_COMMITS_COLLECTION = "event_commits"  # where intents were kept before they joined the events
 TRACER_NAME = "centralino.eventstore"
 
 
@@ -246,12 +262,11 @@ class EventStore:
         now = datetime.now(UTC)
         docs = [[write.doc(envelope, now) for envelope in write.envelopes] for write in writes]
         try:
-            number = self._write_intent(writes, now)
+            number, outcome = self._write(writes, docs, now)
         except Exception as exc:  # nothing of this batch was written
             for write in writes:
                 write.future.set_exception(exc)
             return
-        outcome = self._insert_events(writes, docs)
         accepted = [
             Unpublished(w.topic, d["envelope"], w.trace_headers, now)
             for w, write_docs, refused in zip(writes, docs, outcome, strict=True)
@@ -266,29 +281,31 @@ class EventStore:
             else:
                 write.future.set_exception(refused)
 
-    def _write_intent(self, writes: list[_Write], now: datetime) -> int:
+    def _write(
+        self, writes: list[_Write], docs: list[list[dict[str, Any]]], now: datetime
+    ) -> tuple[int, list[Exception | None]]:
+        """Write the intent and the events under the next commit number; the number and,
+        per write, None or why it was refused."""
         batch = CommitBatch(
             events=[
-                CommittedEvent(topic=w.topic, envelope=e.SerializeToString(), trace_headers=w.trace_headers)
-                for w in writes
-                for e in w.envelopes
+                CommittedEvent(topic=w.topic, envelope=d["envelope"], trace_headers=w.trace_headers)
+                for w, write_docs in zip(writes, docs, strict=True)
+                for d in write_docs
             ]
-        )
-        commits = _collection("event_commits")
+        ).SerializeToString()
         for _ in range(5):
             number = self._next if self._next is not None else self._next_free()
+            intent = {"_id": commit_key(self.log_name, number), "batch": batch, "at": now}
             try:
-                commits.insert_one(
-                    {"_id": commit_key(self.log_name, number), "batch": batch.SerializeToString(), "at": now}
-                )
-            except DuplicateKeyError:  # another writer of this log took the number
+                outcome = self._insert_events(writes, docs, intent)
+            except _IntentTaken:  # another writer of this log took the number
                 self._next = None
                 continue
             except Exception:
                 self._next, self._doubtful = None, number  # the intent may or may not be there
                 raise
             self._next = number + 1
-            return number
+            return number, outcome
         raise ConcurrencyConflict(f"commit log {self.log_name}: could not take a commit number")
 
     def _next_free(self) -> int:
@@ -314,10 +331,8 @@ class EventStore:
 
     def _head(self) -> int:
         """The first free number in this log (no gaps: numbers are taken in order)."""
-        commits = _collection("event_commits")
-
         def taken(n: int) -> bool:
-            return commits.find_one({"_id": commit_key(self.log_name, n)}, {"_id": 1}) is not None
+            return self._intent(n, {"_id": 1}) is not None
 
         low = self._position()  # taken (or 0)
         step = 1
@@ -329,28 +344,69 @@ class EventStore:
             low, high = (middle, high) if taken(middle) else (low, middle)
         return high
 
-    def _insert_events(self, writes: list[_Write], docs: list[list[dict[str, Any]]]) -> list[Exception | None]:
-        """Insert every write's events; per write, None or why it was refused.
+    def _insert_events(
+        self, writes: list[_Write], docs: list[list[dict[str, Any]]], intent: dict[str, Any]
+    ) -> list[Exception | None]:
+        """Insert the intent, then every write's events; per write, None or why it was refused.
 
-        Each aggregate's first event goes first, alone: it decides the race for the
-        aggregate, and only the winner's following events are inserted after it.
-        Documents are told apart by identity: two writes may carry the same key.
+        One ordered insert: the intent, each aggregate's first event of the batch (it
+        decides the race for the aggregate), then the following events.  It stops at the
+        first key taken: if that is the intent's, nothing was written (_IntentTaken).
+        Otherwise what is left goes on in two unordered inserts, the first events, then
+        the following events of the aggregates whose first event is in.  Documents are
+        told apart by identity: two writes may carry the same key.
 
-        Not one ordered insert of the first events, then the others (a round trip less):
-        FerretDB v1 goes on past a duplicate key in an ordered insert of more than about
-        100 documents (300 sent, the 151st taken: 250 inserted), which would store
+        A batch of more than ONE_INSERT_MAX_DOCS documents has its intent inserted alone
+        first: FerretDB v1 goes on past a duplicate key in an ordered insert of more than
+        about 100 documents (300 sent, the 151st taken: 250 inserted), which would store
         events built on a race lost; test_chained_writes_across_many_commits catches it."""
         chains: dict[str, list[int]] = defaultdict(list)
         for index, write in enumerate(writes):
             chains[write.aggregate_id].append(index)
         heads = [docs[chain[0]][0] for chain in chains.values()]
+        first = {id(d) for d in heads}
+        following = [d for chain in chains.values() for i in chain for d in docs[i] if id(d) not in first]
+        ordered = [intent, *heads, *following]
+        if len(ordered) > ONE_INSERT_MAX_DOCS:
+            ordered = [intent]
         try:
-            refused = self._insert(heads)
-            rest = [d for c in chains.values() if id(docs[c[0]][0]) not in refused for i in c for d in docs[i]]
-            first = {id(d) for d in heads}
-            refused |= self._insert([d for d in rest if id(d) not in first])
+            landed = self._insert_in_order(ordered)
+        except _Unknown as unknown:  # an outage mid-insert: find out what landed
+            if len(ordered) == 1:
+                raise unknown.cause from None
+            refused = self._settle(docs)
+            if len(refused) == len(ordered) - 1:
+                raise unknown.cause from None  # no event landed: the intent may have, empty
+            return self._outcome(writes, docs, chains, refused)  # some did: the intent, first, too
+        if landed == 0:
+            raise _IntentTaken
+        done = {id(d) for d in ordered[:landed]}
+        refused = {id(ordered[landed])} if landed < len(ordered) else set()
+        try:
+            refused |= self._insert([d for d in heads if id(d) not in done and id(d) not in refused])
+            refused |= self._insert(
+                [
+                    d
+                    for chain in chains.values()
+                    if id(docs[chain[0]][0]) not in refused
+                    for i in chain
+                    for d in docs[i]
+                    if id(d) not in first and id(d) not in done and id(d) not in refused
+                ]
+            )
         except _Unknown:
             refused = self._settle(docs)  # an outage mid-insert: find out what landed
+        return self._outcome(writes, docs, chains, refused)
+
+    def _outcome(
+        self,
+        writes: list[_Write],
+        docs: list[list[dict[str, Any]]],
+        chains: dict[str, list[int]],
+        refused: set[int],
+    ) -> list[Exception | None]:
+        """Per write, None or why it was refused: a write with a refused event fails, and so
+        does every later write of its aggregate; what those had inserted is taken back."""
         outcome: list[Exception | None] = [None] * len(writes)
         for chain in chains.values():
             failed_from = next((k for k, i in enumerate(chain) if any(id(d) in refused for d in docs[i])), None)
@@ -360,6 +416,24 @@ class EventStore:
                 outcome[i] = ConcurrencyConflict(f"aggregate {writes[i].aggregate_id} changed concurrently")
                 self._take_back([d for d in docs[i] if id(d) not in refused])
         return outcome
+
+    @staticmethod
+    def _insert_in_order(docs: list[dict[str, Any]]) -> int:
+        """An ordered insert_many; returns how many documents went in before the first one
+        whose key is taken (all of them: len(docs)).  Any other failure leaves the outcome
+        unknown (_Unknown), except finding no server: then nothing was sent."""
+        try:
+            _collection(EVENTS_COLLECTION).insert_many(docs, ordered=True)
+        except ServerSelectionTimeoutError:
+            raise  # fail the batch at once: waiting out the outage to settle it is not needed
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if not errors or errors[0].get("code") != _DUPLICATE_KEY:
+                raise _Unknown(exc) from exc
+            return int(errors[0]["index"])
+        except Exception as exc:
+            raise _Unknown(exc) from exc
+        return len(docs)
 
     @staticmethod
     def _insert(docs: list[dict[str, Any]]) -> set[int]:
@@ -372,10 +446,10 @@ class EventStore:
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(error.get("code") != _DUPLICATE_KEY for error in errors):
-                raise _Unknown from exc
+                raise _Unknown(exc) from exc
             return {id(docs[error["index"]]) for error in errors}
         except Exception as exc:
-            raise _Unknown from exc
+            raise _Unknown(exc) from exc
         return set()
 
     def _settle(self, docs: list[list[dict[str, Any]]]) -> set[int]:
@@ -408,6 +482,13 @@ class EventStore:
 
     # ---- the relay's side ----
 
+    def _intent(self, number: int, projection: dict[str, int] | None = None) -> dict[str, Any] | None:
+        found = _collection(EVENTS_COLLECTION).find_one({"_id": commit_key(self.log_name, number)}, projection)
+        if found is None:  # written before intents joined the events
+            key = legacy_commit_key(self.log_name, number)
+            found = _collection(LEGACY_COMMITS_COLLECTION).find_one({"_id": key}, projection)
+        return found  # type: ignore[no-any-return]
+
     def _position(self) -> int:
         doc = _collection("event_relay").find_one({"_id": self.log_name})
         return int(doc["position"]) if doc else 0
@@ -431,7 +512,7 @@ class EventStore:
                     break  # not committed yet: order matters, wait for it
                 events += committed
             else:
-                intent = _collection("event_commits").find_one({"_id": commit_key(self.log_name, number)})
+                intent = self._intent(number)
                 if intent is None:
                     break  # cannot happen without a gap; wait rather than skip
                 events += self._settle_intent(intent)
@@ -465,3 +546,11 @@ class EventStore:
 
 class _Unknown(Exception):
     """A write failed in a way that leaves unknown what landed."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _IntentTaken(Exception):
+    """The commit number is another writer's: nothing of the batch was written."""

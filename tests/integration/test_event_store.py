@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -120,7 +121,17 @@ def test_a_second_writer_is_caught_and_the_cache_reloads(repository: Repository,
     assert [e.name for e in repository.load("a1")] == ["Anna", "from elsewhere"]  # type: ignore[attr-defined]
 
 
-def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(repository: Repository) -> None:
+@pytest.mark.parametrize(
+    ("collection", "key"),
+    [
+        (eventstore.EVENTS_COLLECTION, eventstore.commit_key),
+        # An intent written before intents joined the events (an upgrade after a crash).
+        (eventstore.LEGACY_COMMITS_COLLECTION, eventstore.legacy_commit_key),
+    ],
+)
+def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(
+    repository: Repository, collection: str, key: Callable[[str, int], str]
+) -> None:
     repository.save("a1", 0, [registered("a1")], META)
     store = eventstore.EventStore()
     _, position = store.unpublished(10)
@@ -128,7 +139,7 @@ def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(repository: Re
     ghost = EventEnvelope(event_id="ghost", aggregate_id="a9", sequence=1, event_type="agents.AgentRegistered")
     # A crash after an intent and one of its two events: a1's second event is in the store, a9's is not.
     [second] = repository.save("a1", 1, [registered("a1", "again")], META)
-    commits = eventstore._collection("event_commits")
+    commits = eventstore._collection(collection)
     number = position + 2  # the save above took position + 1; this intent is the one a crash left
     batch = CommitBatch(
         events=[
@@ -137,7 +148,7 @@ def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(repository: Re
         ]
     )
     old = datetime.now(UTC) - timedelta(minutes=5)
-    commits.insert_one({"_id": eventstore.commit_key("events", number), "batch": batch.SerializeToString(), "at": old})
+    commits.insert_one({"_id": key("events", number), "batch": batch.SerializeToString(), "at": old})
     relay_view = eventstore.EventStore()
     events, after = relay_view.unpublished(10)
     assert [EventEnvelope.FromString(e.envelope).event_id for e in events] == [second.event_id, second.event_id]
@@ -150,11 +161,64 @@ def test_concurrent_writes_share_commits_and_reach_the_relay_in_memory(mongo: Se
     before = store.unpublished(10_000)[1]
     with ThreadPoolExecutor(max_workers=32) as pool:
         list(pool.map(lambda n: repository.save(f"agent-{n}", 0, [registered(f"agent-{n}")], META), range(200)))
-    eventstore._collection("event_commits").delete_many({})  # the relay does not read its own commits back
+    # The relay does not read its own commits back.
+    eventstore._collection(eventstore.EVENTS_COLLECTION).delete_many({"batch": {"$exists": True}})
     events, after = store.unpublished(10_000)
     assert len(events) == 200
     assert after - before < 200  # fewer commits than writes: they were grouped
     assert all(len(repository.load(f"agent-{n}")) == 1 for n in range(200))
+
+
+@pytest.mark.parametrize("fillers", [0, 120], ids=["one insert", "intent first (over 100 documents)"])
+def test_a_commit_goes_on_past_a_race_it_lost(repository: Repository, mongo: Settings, fillers: int) -> None:
+    """One commit in which one aggregate's race is lost: its writes fail, and only they; every
+    other write lands whole and in order, and the relay publishes exactly what landed."""
+    topic = mongo.topic("agents")
+    other = Repository(eventstore.EventStore(), REGISTRY, topic, AGGREGATE_TYPE)
+    other.save("taken", 0, [registered("taken", "winner")], META)
+
+    def write(aggregate: str, version: int, *names: str) -> Any:
+        envelopes = [
+            wrap(
+                registered(aggregate, name),
+                registry=REGISTRY,
+                aggregate_type=AGGREGATE_TYPE,
+                aggregate_id=aggregate,
+                sequence=version + offset,
+                meta=META,
+            )
+            for offset, name in enumerate(names, start=1)
+        ]
+        return eventstore._Write(topic, envelopes, {}, None)
+
+    writes = [
+        write("fresh-1", 0, "a", "b"),
+        write("taken", 0, "loser", "built on the loser"),
+        write("fresh-2", 0, "c"),
+        write("fresh-1", 2, "d"),
+        *(write(f"filler-{n}", 0, "e") for n in range(fillers)),
+    ]
+    store = eventstore.EventStore()
+    before = store.unpublished(10_000)[1]
+    store.mark_published(before)  # the relay is past the winner's commit
+    store._commit(writes)  # one batch, as the committer thread would take it
+
+    assert writes[1].future.exception(timeout=10) is not None
+    assert all(w.future.exception(timeout=10) is None for i, w in enumerate(writes) if i != 1)
+    names = {a: [e.name for e in repository.load(a)] for a in ("fresh-1", "taken", "fresh-2")}  # type: ignore[attr-defined]
+    assert names == {"fresh-1": ["a", "b", "d"], "taken": ["winner"], "fresh-2": ["c"]}
+    events, after = store.unpublished(10_000)
+    assert after == before + 1  # one commit number
+    published = [EventEnvelope.FromString(e.envelope) for e in events]
+    assert [(e.aggregate_id, e.sequence) for e in published][:4] == [
+        ("fresh-1", 1),
+        ("fresh-1", 2),
+        ("fresh-2", 1),
+        ("fresh-1", 3),
+    ]
+    assert len(published) == 4 + fillers
+    intents = eventstore._collection(eventstore.EVENTS_COLLECTION)
+    assert intents.find_one({"_id": eventstore.commit_key("events", after)}) is not None
 
 
 def test_a_write_building_on_a_refused_one_is_refused_too(repository: Repository, mongo: Settings) -> None:
