@@ -34,6 +34,9 @@ class Settings:
     # How long the router keeps a closed interaction in memory (late retries and
     # desktops reconnecting answer from memory; after it, from the event store).
     routing_closed_retention_s: float = 900.0
+    # How often the router saves a checkpoint: a restart reads the routing log from the
+    # last one on, instead of the whole log.
+    routing_checkpoint_s: float = 10.0
     # Threads per gRPC server: one per open stream (agent desktops) plus headroom.
     grpc_max_workers: int = 512
     # How long a projection gathers events before writing its read models: the most a
@@ -102,6 +105,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         routing_closed_retention_s=float(
             env.get("CENTRALINO_ROUTING_CLOSED_RETENTION_S", defaults.routing_closed_retention_s)
         ),
+        routing_checkpoint_s=float(env.get("CENTRALINO_ROUTING_CHECKPOINT_S", defaults.routing_checkpoint_s)),
         grpc_max_workers=int(env.get("CENTRALINO_GRPC_MAX_WORKERS", defaults.grpc_max_workers)),
         projection_batch_s=float(env.get("CENTRALINO_PROJECTION_BATCH_S", defaults.projection_batch_s)),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,

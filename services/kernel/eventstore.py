@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -168,15 +168,33 @@ class EventStore:
         self._handover = threading.Lock()
         self._published: int | None = None  # the relay's position in the log
         self._position_saved_at = 0.0
+        self._answered: int | None = None  # the last commit whose writers were answered
+
+    def answered_through(self) -> int | None:
+        """The number of the last commit in this log whose writers have been answered (None
+        before this process's first): a write answered afterwards is in a later commit."""
+        return self._answered
 
     # ---- reading ----
 
     def load(self, aggregate_id: str) -> list[EventEnvelope]:
+        return [envelope for envelope, _ in self.load_stored(aggregate_id)]
+
+    def load_stored(self, aggregate_id: str) -> list[tuple[EventEnvelope, dict[str, str]]]:
+        """The aggregate's events, each with the W3C context of the request that stored it."""
         events = _collection(EVENTS_COLLECTION)
-        loaded: list[EventEnvelope] = []
-        while doc := events.find_one({"_id": event_key(aggregate_id, len(loaded) + 1)}, {"envelope": 1}):
-            loaded.append(EventEnvelope.FromString(doc["envelope"]))
+        loaded: list[tuple[EventEnvelope, dict[str, str]]] = []
+        fields = {"envelope": 1, "trace_headers": 1}
+        while doc := events.find_one({"_id": event_key(aggregate_id, len(loaded) + 1)}, fields):
+            loaded.append((EventEnvelope.FromString(doc["envelope"]), dict(doc.get("trace_headers") or {})))
         return loaded
+
+    def commits_from(self, number: int) -> Iterator[tuple[int, list[EventEnvelope]]]:
+        """This log's commits from `number` to its head, in order, each with the events its
+        intent holds: refused ones too (the store says which were accepted)."""
+        while (intent := self._intent(number)) is not None:
+            yield number, [EventEnvelope.FromString(e.envelope) for e in CommitBatch.FromString(intent["batch"]).events]
+            number += 1
 
     # ---- writing ----
 
@@ -275,6 +293,7 @@ class EventStore:
         ]
         with self._handover:
             self._committed[number] = accepted
+        self._answered = number
         for write, refused in zip(writes, outcome, strict=True):
             if refused is None:
                 write.future.set_result(None)

@@ -36,6 +36,10 @@ class Repository:
         self._tails: dict[str, tuple[int, Future[None]]] = {}  # aggregate -> (version after, write in flight)
         self._lock = threading.Lock()
 
+    @property
+    def store(self) -> EventStore:
+        return self._store
+
     def load(self, aggregate_id: str) -> list[Message]:
         return [message for message, _ in self.history(aggregate_id)]
 

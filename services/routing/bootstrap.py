@@ -64,5 +64,6 @@ def bootstrap(settings: Settings) -> RoutingWiring:
         topic,
         settings.zone,
         settings.routing_closed_retention_s,
+        settings.routing_checkpoint_s,
     )
     return RoutingWiring(RoutingServicer(router, bus), router, feed, relay)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -45,6 +45,7 @@ from services.kernel.repository import Repository
 from services.kernel.telemetry import current_trace_headers
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentRefused, AgentsPort, Outcome
+from services.routing.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import OPEN, Interaction, S
 from services.routing.domain.matching import Candidate, plan
@@ -76,6 +77,7 @@ class Router:
         topic: str,
         tz: ZoneInfo,
         closed_retention_s: float,
+        checkpoint_s: float = 10.0,
     ) -> None:
         self._repo = interactions
         self._agents = agents
@@ -93,7 +95,15 @@ class Router:
         self._retention_s = closed_retention_s
         self._closing: deque[tuple[float, str]] = deque()  # (closed at, id), oldest first: forgotten in turn
         self._open: dict[str, Interaction] = {}  # the ones still in play: routing passes look at these only
-        self._stale: set[str] = set()  # a write failed: reload from the store
+        # Guarded by _writes, a lock taken inside _lock (never around it), so that a write's
+        # outcome is recorded without waiting for the router: the interactions with writes
+        # not yet answered, and those whose write failed (reloaded from the store).
+        self._writes = threading.Lock()
+        self._writing: Counter[str] = Counter()
+        self._stale: set[str] = set()
+        self._phantoms: set[str] = set()  # created in memory, the creation not yet stored
+        self._checkpoint_s = checkpoint_s
+        self._next_checkpoint = time.monotonic() + checkpoint_s
         self._unconfirmed: set[str] = set()  # offered, the agent's reservation not yet confirmed
         self._announced: set[str] = set()  # offered, reserved and put on the agent's stream by this process
         self._journey: dict[str, tuple[str, dict[str, str]]] = {}  # correlation id, W3C headers
@@ -110,19 +120,79 @@ class Router:
     # ---- life cycle ----
 
     def recover(self) -> int:
-        """Fold the whole routing log from the event store; returns how many interactions are open."""
+        """Rebuild from the last checkpoint and the routing log after it, or from the whole
+        log if there is none; returns how many interactions are open."""
+        started = time.monotonic()
+        checkpoint = load_checkpoint(self._topic)
         with self._lock:
-            for stored in StoredEvent.objects(topic=self._topic).order_by("aggregate_id", "sequence"):
-                envelope = EventEnvelope.FromString(stored.envelope)
-                iid = envelope.aggregate_id
-                at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
-                current = self._all.get(iid) or Interaction(interaction_id=iid)
-                self._put(domain.apply(current, REGISTRY.decode(envelope), at))
-                self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
+            if checkpoint is None:
+                self._fold_whole_log()
+                source = "the whole routing log"
+            else:
+                commits, read_back = self._recover_from(checkpoint)
+                source = f"the checkpoint at commit {checkpoint.commit}, {commits} commits after it"
+                source += f" and {read_back} interactions read back"
             # _put queued each one as it closed, in log order (by interaction): by close time instead.
             self._closing = deque(sorted(self._closing))
             self.forget_closed()
+            log.info(
+                "recovered %d open interactions from %s in %.2f s", len(self._open), source, time.monotonic() - started
+            )
             return len(self._open)
+
+    def _fold_whole_log(self) -> None:
+        for stored in StoredEvent.objects(topic=self._topic).order_by("aggregate_id", "sequence"):
+            envelope = EventEnvelope.FromString(stored.envelope)
+            iid = envelope.aggregate_id
+            at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
+            current = self._all.get(iid) or Interaction(interaction_id=iid)
+            self._put(domain.apply(current, REGISTRY.decode(envelope), at))
+            self._journey.setdefault(iid, (envelope.correlation_id, dict(stored.trace_headers or {})))
+
+    def _recover_from(self, checkpoint: Checkpoint) -> tuple[int, int]:
+        """The checkpoint's tallies, plus every interaction it says to read back, plus every
+        one with an event accepted in a commit after it; the closed ones it counted stay out
+        of memory, like forgotten ones."""
+        self._tallies.restore(checkpoint.tallies)
+        wanted: dict[str, set[str] | None] = dict.fromkeys(checkpoint.reload)  # None: whatever it holds
+        store = self._repo.store
+        commits = 0
+        for _, envelopes in store.commits_from(checkpoint.commit):
+            commits += 1
+            for envelope in envelopes:
+                later = wanted.setdefault(envelope.aggregate_id, set())
+                if later is not None:
+                    later.add(envelope.event_id)
+        for iid, later in wanted.items():
+            stored = store.load_stored(iid)
+            if later is not None and not any(envelope.event_id in later for envelope, _ in stored):
+                continue  # all before the checkpoint (what the log holds after it was refused)
+            interaction = Interaction(interaction_id=iid)
+            for envelope, _ in stored:
+                at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
+                interaction = domain.apply(interaction, REGISTRY.decode(envelope), at)
+            if interaction.exists:
+                self._put(interaction)
+                first, headers = stored[0]
+                self._journey[iid] = (first.correlation_id, headers)
+        return commits, len(wanted)
+
+    def checkpoint(self) -> bool:
+        """Save where a restart begins: the tallies without the interactions a restart reads
+        back (the open ones, and any with a write not yet answered or failed), and the first
+        commit a write answered from now on can be in.  False if there is none yet."""
+        with self._lock, self._writes:
+            answered = self._repo.store.answered_through()
+            if answered is None:
+                return False  # nothing written by this process: the last checkpoint still holds
+            unsettled = self._open.keys() | self._writing.keys() | self._stale
+            reload = sorted(iid for iid in unsettled if iid in self._all)
+            tallies = self._tallies.copy()
+            now = self._clock().timestamp()
+            for iid in reload:
+                tallies.count(self._all[iid], None, now)
+        save_checkpoint(self._topic, Checkpoint(answered + 1, reload, tallies.rows()))
+        return True
 
     def start(self) -> None:
         self._thread.start()
@@ -132,6 +202,10 @@ class Router:
         self._wake.set()
         self._thread.join(timeout=10)
         self._agents.stop()
+        try:
+            self.checkpoint()  # a restart then reads next to nothing of the log
+        except Exception:
+            log.exception("could not save a checkpoint on stopping")
 
     def wake(self, *_: object) -> None:
         self._wake.set()
@@ -150,6 +224,9 @@ class Router:
                     self.reconcile()
                 self.route_once()
                 self.forget_closed()
+                if time.monotonic() >= self._next_checkpoint:
+                    self._next_checkpoint = time.monotonic() + self._checkpoint_s
+                    self.checkpoint()
             except Exception:
                 log.exception("routing pass failed; retrying")
 
@@ -181,14 +258,21 @@ class Router:
         for event in events:
             interaction = domain.apply(interaction, event, now.timestamp())
         self._put(interaction)
+        with self._writes:
+            self._writing[iid] += 1
         written.add_done_callback(lambda done: self._written(iid, done, then))
         return interaction, written
 
     def _written(self, iid: str, done: Future[None], then: Callable[[], None] | None) -> None:
-        if done.exception() is not None:
-            log.warning("write of interaction %s failed (%s); reloading it", iid, done.exception())
-            with self._lock:
+        failed = done.exception() is not None
+        with self._writes:
+            self._writing[iid] -= 1
+            if self._writing[iid] <= 0:
+                del self._writing[iid]
+            if failed:
                 self._stale.add(iid)
+        if failed:
+            log.warning("write of interaction %s failed (%s); reloading it", iid, done.exception())
             self._wake.set()
         elif then is not None:
             then()
@@ -214,15 +298,19 @@ class Router:
 
     def _reload_stale(self) -> None:
         with self._lock:
-            stale, self._stale = self._stale, set()
+            with self._writes:
+                stale, self._stale = self._stale, set()
             for iid in stale:
                 self._reload(iid)
 
     def _reload(self, iid: str) -> Interaction:
         interaction = domain.replay(iid, self._repo.history(iid))
-        if not interaction.exists or self._past_retention(interaction):
-            # Never written, or closed and forgotten (counted) long ago: a late retry
-            # of its creation lost to the stored one.  What memory holds is the failure's.
+        if iid in self._phantoms:  # its creation failed: take back what memory counted of it
+            self._phantoms.discard(iid)
+            self._drop(iid)
+        if not interaction.exists or self._past_retention(interaction) or self._counted_elsewhere(interaction):
+            # Never written, or a late retry of its creation lost to the stored one, which is
+            # closed and was counted when it closed.  What memory holds is the failure's.
             self._drop(iid)
             self._unconfirmed.discard(iid)
             return interaction
@@ -230,6 +318,11 @@ class Router:
         if interaction.status != S.OFFERED:
             self._unconfirmed.discard(iid)
         return interaction
+
+    def _counted_elsewhere(self, interaction: Interaction) -> bool:
+        """Closed and not in memory: forgotten, or left out by the checkpoint a restart began
+        from; either way counted already."""
+        return interaction.status in CLOSED and interaction.interaction_id not in self._all
 
     def _get(self, iid: str) -> Interaction:
         interaction = self._all.get(iid)
@@ -275,18 +368,17 @@ class Router:
 
     def create(self, command: domain.CreateInteraction, correlation_id: str) -> Interaction:
         queue = queue_for(self._queues.values(), command.department, command.language, command.direction)
+        iid = command.interaction_id
         with self._lock:
-            current = self._all.get(command.interaction_id) or Interaction(interaction_id=command.interaction_id)
+            known = self._all.get(iid)
+            current = known or Interaction(interaction_id=iid)
             events = domain.create(command, current, queue)
             if events:
-                self._journey[command.interaction_id] = (
-                    correlation_id or command.interaction_id,
-                    current_trace_headers(),
-                )
-                meta = Metadata(
-                    correlation_id=correlation_id or command.interaction_id, causation_id=new_id(), producer=PRODUCER
-                )
-                current, written = self._save(current, events, meta)
+                self._journey[iid] = (correlation_id or iid, current_trace_headers())
+                meta = Metadata(correlation_id=correlation_id or iid, causation_id=new_id(), producer=PRODUCER)
+                if known is None:  # it may exist all the same, closed and out of memory: see _reload
+                    self._phantoms.add(iid)
+                current, written = self._save(current, events, meta, then=lambda: self._phantoms.discard(iid))
         self._wake.set()
         if events:
             try:

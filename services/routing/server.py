@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from centralino.v1 import routing_pb2, routing_pb2_grpc
 
 from services.kernel.config import load_settings
@@ -11,14 +9,12 @@ from services.kernel.grpc_server import Background, build_server, run_until_sign
 from services.kernel.telemetry import setup_tracing
 from services.routing.bootstrap import bootstrap
 
-log = logging.getLogger("centralino.routing")
-
 
 def main() -> None:
     settings = load_settings()
     setup_tracing("centralino-routing")
     wiring = bootstrap(settings)
-    log.info("recovered %d open interactions from the routing log", wiring.router.recover())
+    wiring.router.recover()
     port = settings.grpc_port("routing")
     server, _ = build_server(
         port,

@@ -132,6 +132,8 @@ def platform(stack: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
     env["AGENTS_GRPC_PORT"] = str(agents_port)
     env["ROUTING_GRPC_PORT"] = str(routing_port)
     env["CENTRALINO_ROUTING_QUEUES"] = str(Path(__file__).parent / "routing_queues.json")
+    # Checkpoints often, so that each restart of the router (a crash included) begins from one.
+    env["CENTRALINO_ROUTING_CHECKPOINT_S"] = "0.5"
     agents_server = ServiceProcess("services.agents.server", env, state / "agents.log").start()
     routing_server = ServiceProcess("services.routing.server", env, state / "routing.log").start()
     client = kernel_mongo.connect(settings)

@@ -7,6 +7,8 @@ offered and its routing thread is not needed)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -23,6 +25,7 @@ from services.kernel.errors import PreconditionFailed
 from services.kernel.repository import Repository
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentsPort
+from services.routing.checkpoints import drop_checkpoint, load_checkpoint
 from services.routing.domain.interaction import CreateInteraction, S
 from services.routing.domain.queues import default_queues
 from services.routing.events import INTERACTION, REGISTRY
@@ -125,3 +128,73 @@ def test_a_new_day_counts_from_its_midnight(make_router: Callable[[], Router], c
     offered, answered, abandoned, waiting, _, since = figures(router)
     assert (offered, answered, abandoned, waiting) == (0, 0, 0, 1)  # yesterday's contact still waits
     assert since == datetime(2026, 11, 25, tzinfo=ZONE)
+
+
+def test_a_restart_from_a_checkpoint_rebuilds_what_the_whole_log_does(
+    make_router: Callable[[], Router], clock: Clock, mongo: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    router = make_router()
+    for iid in ("early-abandon", "cancelled", "later-abandon", "waiting", "in-flight"):
+        router.create(new(iid), "")
+    clock.advance(30)
+    router.abandon("early-abandon", "hung up", META)  # closed before the checkpoint
+    router.cancel("cancelled", "campaign stopped", META)
+
+    # A write taken in memory but not yet stored when the checkpoint is saved.
+    store = router._repo.store
+    gate, committing = threading.Event(), store._commit
+    monkeypatch.setattr(store, "_commit", lambda batch: (gate.wait(10), committing(batch)))
+    held = threading.Thread(target=router.abandon, args=("in-flight", "hung up", META))
+    held.start()
+    deadline = time.monotonic() + 10
+    while router.queue_stats(QUEUE)[1].abandoned < 2 and time.monotonic() < deadline:  # taken in memory
+        time.sleep(0.01)
+    assert router.checkpoint()
+    gate.set()
+    held.join(10)
+
+    clock.advance(10)
+    router.abandon("later-abandon", "hung up", META)  # open at the checkpoint, closed after it
+    for iid in ("new-abandon", "new-waiting"):  # created after the checkpoint
+        router.create(new(iid), "")
+    clock.advance(40)
+    router.abandon("new-abandon", "hung up", META)
+    expected = figures(router)
+    assert expected[:4] == (6, 0, 4, 2)
+
+    from_checkpoint = make_router()
+    assert from_checkpoint.recover() == 2  # "waiting" and "new-waiting"
+    assert figures(from_checkpoint) == expected
+    from_checkpoint.abandon("waiting", "hung up", META)  # open in memory, as before the restart
+    with pytest.raises(PreconditionFailed):  # closed before the checkpoint: read from the store
+        from_checkpoint.abandon("early-abandon", "hung up again", META)
+    retried = from_checkpoint.create(new("early-abandon"), "")  # a late retry of its creation
+    assert retried.status == S.ABANDONED
+    after_restart = figures(from_checkpoint)
+    assert after_restart[:4] == (6, 0, 5, 1)  # "waiting" left; nothing counted twice
+
+    drop_checkpoint(mongo.topic("routing"))
+    whole_log = make_router()
+    assert whole_log.recover() == 1
+    assert figures(whole_log) == after_restart
+
+
+def test_a_checkpoint_replaces_the_last_and_a_restart_reads_only_what_follows_it(
+    make_router: Callable[[], Router], clock: Clock, mongo: Settings
+) -> None:
+    router = make_router()
+    assert not router.checkpoint()  # nothing written yet by this router
+    for n in range(5):
+        router.create(new(f"before-{n}"), "")
+    assert router.checkpoint()
+    first = load_checkpoint(mongo.topic("routing"))
+    router.create(new("after"), "")
+    assert router.checkpoint()
+    second = load_checkpoint(mongo.topic("routing"))
+    assert first is not None and second is not None
+    assert second.commit > first.commit
+    assert second.reload == sorted([f"before-{n}" for n in range(5)] + ["after"])  # all open
+    assert list(router._repo.store.commits_from(second.commit)) == []  # nothing written since
+    restarted = make_router()
+    assert restarted.recover() == 6
+    assert figures(restarted) == figures(router)

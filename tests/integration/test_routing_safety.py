@@ -22,6 +22,7 @@ from centralino.v1.agents_pb2 import Transition as T
 
 from services.agents import domain as agents_domain
 from services.agents.events import REGISTRY as AGENT_EVENTS
+from services.routing.checkpoints import load_checkpoint
 from services.routing.events import REGISTRY as ROUTING_EVENTS
 from tests.helpers import event_log, eventually
 from tests.integration.conftest import Platform
@@ -123,6 +124,10 @@ def test_no_double_booking_under_load_and_a_router_crash(platform: Platform) -> 
     try:
         with ThreadPoolExecutor(max_workers=6) as creators:
             first = list(creators.map(create, ids[: INTERACTIONS // 2]))
+            # The restart begins from a checkpoint taken while offers and calls are in progress.
+            routing_log = platform.settings.topic("routing")
+            eventually(lambda: load_checkpoint(routing_log) is not None, timeout_s=10, interval_s=0.05)
+            time.sleep(0.3)  # and the log goes on after it: accepts, ends, completions
             platform.restart_router(kill=True)  # SIGKILL mid-flight: offers and calls in progress
             second = list(creators.map(create, ids[INTERACTIONS // 2 :]))
         assert len(first) + len(second) == INTERACTIONS

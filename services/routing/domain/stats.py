@@ -241,3 +241,26 @@ class DayTallies:
     def today(self, queue_id: str, now: float) -> tuple[date, Tally]:
         today = self.advance(now)
         return today, self._tallies.get((today, queue_id), Tally())
+
+    def copy(self) -> DayTallies:
+        twin = DayTallies(self._queues, self._tz)
+        twin._today, twin._tallies, twin._known = self._today, dict(self._tallies), self._known
+        return twin
+
+    def rows(self) -> list[dict[str, str | int]]:
+        """The tallies as plain documents: day (ISO), queue id and the tally's fields by name."""
+        return [
+            {"day": day.isoformat(), "queue_id": queue_id, **tally._asdict()}
+            for (day, queue_id), tally in sorted(self._tallies.items())
+        ]
+
+    def restore(self, rows: Iterable[Mapping[str, str | int]]) -> None:
+        """Take the tallies of `rows` (see `rows`); a field a row lacks (written before the
+        field was added) starts at zero."""
+        self._tallies = {
+            (date.fromisoformat(str(row["day"])), str(row["queue_id"])): Tally(
+                **{name: int(row[name]) for name in Tally._fields if name in row}
+            )
+            for row in rows
+        }
+        self._today = None  # the days before the current one go at the next use
