@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from services.agents import adapters, projections
@@ -26,6 +27,7 @@ def main() -> None:
         # No web server: projections expose nothing over HTTP, and several workers share a host.
         sys.argv += ["worker", "--loglevel", "info", "--without-web"]
     freeze_startup_objects()
+    os.nice(max(settings.projection_nice, 0))  # only ever lower: raising needs privileges
     app.main()
 
 

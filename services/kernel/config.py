@@ -43,6 +43,9 @@ class Settings:
     # read model trails its topic when the topic is busy.  Longer windows fold more
     # events into each document write (one per agent per batch).
     projection_batch_s: float = 0.25
+    # How much a projection worker lowers its own CPU priority (nice): read models are
+    # background work, and on a shared host the services answering calls go first.
+    projection_nice: int = 10
     # Observability.  Exporters are named by the standard OpenTelemetry variables,
     # with the specification's default ("otlp"); where each exporter sends to
     # (OTEL_EXPORTER_OTLP_*, OTEL_EXPORTER_ZIPKIN_*) is read by the exporter itself.
@@ -108,6 +111,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         routing_checkpoint_s=float(env.get("CENTRALINO_ROUTING_CHECKPOINT_S", defaults.routing_checkpoint_s)),
         grpc_max_workers=int(env.get("CENTRALINO_GRPC_MAX_WORKERS", defaults.grpc_max_workers)),
         projection_batch_s=float(env.get("CENTRALINO_PROJECTION_BATCH_S", defaults.projection_batch_s)),
+        projection_nice=int(env.get("CENTRALINO_PROJECTION_NICE", defaults.projection_nice)),
         traces_exporter=env.get("OTEL_TRACES_EXPORTER", "").strip().lower() or defaults.traces_exporter,
         metrics_exporter=env.get("OTEL_METRICS_EXPORTER", "").strip().lower() or defaults.metrics_exporter,
         otlp_protocol=env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip().lower() or defaults.otlp_protocol,
