@@ -1,10 +1,14 @@
 """The router's live picture of every agent, folded from the agents topic.
 
-A Kafka consumer without a group reads the agents topic from its beginning and
-folds each agent's events with the same pure function the agents projection
-uses (`state_view.evolve`), so routing reads memory, not a database.  The
-picture may trail the agents service by a few milliseconds; that is safe because
-the agents service itself refuses a reservation beyond an agent's capacity.
+A Kafka consumer without a group reads the agents topic and folds each agent's
+events with the same pure function the agents projection uses
+(`state_view.evolve`), so routing reads memory, not a database.  The picture may
+trail the agents service by a few milliseconds; that is safe because the agents
+service itself refuses a reservation beyond an agent's capacity.
+
+It reads from where a snapshot of it left off (`snapshot`/`restore`: the router's
+checkpoint keeps one), else from the topic's beginning; after losing Kafka it goes
+on from its own positions.  A record read twice changes nothing (by sequence).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from zoneinfo import ZoneInfo
 
@@ -26,6 +31,16 @@ from services.kernel.kafka import Consumed, TopicReader
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class FeedSnapshot:
+    """The feed's picture and where it reads on: every record before `positions` (partition
+    -> next offset) is folded into the views (later ones may be too)."""
+
+    views: dict[str, state_view.View]
+    leaders: dict[str, str]
+    positions: dict[int, int]
+
+
 class AgentFeed:
     def __init__(self, bootstrap: str, topic: str, tz: ZoneInfo, on_change: Callable[[str], None]) -> None:
         self._bootstrap = bootstrap
@@ -34,6 +49,7 @@ class AgentFeed:
         self._on_change = on_change
         self._views: dict[str, state_view.View] = {}
         self._leaders: dict[str, str] = {}  # team -> team leader, for escalations
+        self._positions: dict[int, int] = {}  # partition -> next offset to fold
         self._lock = threading.Lock()
         self._caught_up = threading.Event()
         self._stopping = threading.Event()
@@ -56,6 +72,19 @@ class AgentFeed:
 
     def team_leader(self, team_id: str) -> str:
         return self._leaders.get(team_id, "")
+
+    def snapshot(self) -> FeedSnapshot:
+        with self._lock:  # positions move after the views: the views are never behind them
+            return FeedSnapshot(dict(self._views), dict(self._leaders), dict(self._positions))
+
+    def restore(self, snapshot: FeedSnapshot) -> None:
+        """Begin from `snapshot` instead of the topic's beginning (before `start`)."""
+        with self._lock:
+            self._views = {
+                agent_id: {**state_view.new_view(agent_id), **view} for agent_id, view in snapshot.views.items()
+            }
+            self._leaders = dict(snapshot.leaders)
+            self._positions = dict(snapshot.positions)
 
     def apply(self, envelope: EventEnvelope) -> None:
         if envelope.event_type == "agents.TeamLeaderAssigned":
@@ -82,16 +111,22 @@ class AgentFeed:
         still catch."""
         place = (record.topic, record.partition, record.offset)
         envelope = read_envelope(record.value, *place)
-        if envelope is None:
-            return
         try:
-            self.apply(envelope)
+            if envelope is not None:
+                self.apply(envelope)
         except UnknownEventType as unknown:
             log.warning("agent feed skips record %s-%d@%d: unknown event type %s", *place, unknown)
+        with self._lock:
+            self._positions[record.partition] = record.offset + 1
 
     def _reader(self) -> TopicReader:
         reader = TopicReader(self._bootstrap, self._topic, client_id="centralino-routing-agent-feed")
-        reader.start_at(reader.beginnings)  # the whole history: every agent's state
+        with self._lock:  # from where the views are, else the whole history: every agent's state
+            start = {
+                p: min(max(self._positions.get(p, begin), begin), reader.ends.get(p, begin))
+                for p, begin in reader.beginnings.items()
+            }
+        reader.start_at(start)
         return reader
 
     def _run(self) -> None:
@@ -107,6 +142,6 @@ class AgentFeed:
                             self._caught_up.set()
                 finally:
                     reader.close()
-            except Exception:  # no broker at start: the views stay, positions are re-read
+            except Exception:  # no broker at start: the views stay, and it goes on from its positions
                 log.exception("agent feed lost Kafka; reconnecting")
                 self._stopping.wait(2.0)

@@ -1,9 +1,11 @@
-"""The router's checkpoint in MongoDB: where a restart begins, instead of the whole routing log.
+"""The router's checkpoint in MongoDB: where a restart begins, instead of the whole routing log
+and the whole agents topic.
 
 A checkpoint says from which commit of the routing log to read on, which interactions
 to read back whole from the event store (the open ones, and any with a write still in
-flight when it was taken), and the queues' running tallies without those.  It is one
-small document per routing log, replaced at every checkpoint.
+flight when it was taken), and the queues' running tallies without those.  Beside it,
+the agent feed's picture of every agent and the agents topic's offsets it reads on
+from.  Each is one document per routing log, replaced at every checkpoint.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from typing import Any
 
 import mongoengine as me
 
+from services.routing.agent_feed import FeedSnapshot
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # a checkpoint of another format is ignored: the restart folds the whole log
+FEED_FORMAT = 1  # likewise for the feed's: it reads the agents topic from its beginning
 
 
 class RouterCheckpointDocument(me.Document):
@@ -65,3 +70,43 @@ def load_checkpoint(log_name: str) -> Checkpoint | None:
 
 def drop_checkpoint(log_name: str) -> None:
     RouterCheckpointDocument.objects(pk=log_name).delete()
+
+
+class FeedCheckpointDocument(me.Document):
+    log = me.StringField(primary_key=True)  # the routing log whose router keeps this feed
+    format = me.IntField(required=True)
+    views = me.ListField(me.DictField())  # state_view views, one per agent
+    leaders = me.DictField()  # team -> team leader
+    positions = me.ListField(me.DictField())  # {"partition": p, "offset": next offset to read}
+    taken_at = me.DateTimeField()
+
+    meta: dict[str, Any] = {
+        "collection": "routing_feed_checkpoints",
+        "db_alias": "events",
+        "auto_create_index": False,
+    }
+
+
+def save_feed_checkpoint(log_name: str, snapshot: FeedSnapshot) -> None:
+    FeedCheckpointDocument(
+        log=log_name,
+        format=FEED_FORMAT,
+        views=list(snapshot.views.values()),
+        leaders=snapshot.leaders,
+        positions=[{"partition": p, "offset": o} for p, o in sorted(snapshot.positions.items())],
+        taken_at=datetime.now(UTC),
+    ).save()
+
+
+def load_feed_checkpoint(log_name: str) -> FeedSnapshot | None:
+    document = FeedCheckpointDocument.objects(pk=log_name).first()
+    if document is None:
+        return None
+    if document.format != FEED_FORMAT:
+        log.warning("agent feed checkpoint of format %s, not %s: reading the whole topic", document.format, FEED_FORMAT)
+        return None
+    return FeedSnapshot(
+        {view["agent_id"]: dict(view) for view in document.views},
+        dict(document.leaders),
+        {int(p["partition"]): int(p["offset"]) for p in document.positions},
+    )

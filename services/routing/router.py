@@ -45,7 +45,13 @@ from services.kernel.repository import Repository
 from services.kernel.telemetry import current_trace_headers
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentRefused, AgentsPort, Outcome
-from services.routing.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from services.routing.checkpoints import (
+    Checkpoint,
+    load_checkpoint,
+    load_feed_checkpoint,
+    save_checkpoint,
+    save_feed_checkpoint,
+)
 from services.routing.domain import interaction as domain
 from services.routing.domain.interaction import OPEN, Interaction, S
 from services.routing.domain.matching import Candidate, plan
@@ -124,6 +130,9 @@ class Router:
         log if there is none; returns how many interactions are open."""
         started = time.monotonic()
         checkpoint = load_checkpoint(self._topic)
+        feed = load_feed_checkpoint(self._topic)
+        if feed is not None:  # the agents topic is read on from there, not from its beginning
+            self._feed.restore(feed)
         with self._lock:
             if checkpoint is None:
                 self._fold_whole_log()
@@ -180,7 +189,9 @@ class Router:
     def checkpoint(self) -> bool:
         """Save where a restart begins: the tallies without the interactions a restart reads
         back (the open ones, and any with a write not yet answered or failed), and the first
-        commit a write answered from now on can be in.  False if there is none yet."""
+        commit a write answered from now on can be in.  False if there is none yet.  The agent
+        feed's snapshot is saved beside it in any case."""
+        save_feed_checkpoint(self._topic, self._feed.snapshot())
         with self._lock, self._writes:
             answered = self._repo.store.answered_through()
             if answered is None:
