@@ -58,12 +58,18 @@ def save_checkpoint(log_name: str, checkpoint: Checkpoint) -> None:
     ).save()
 
 
-def load_checkpoint(log_name: str) -> Checkpoint | None:
-    document = RouterCheckpointDocument.objects(pk=log_name).first()
-    if document is None:
+def _current(kind: type[me.Document], log_name: str, expected: int, otherwise: str) -> Any:
+    """The log's document of `kind` if there is one of the `expected` format, else None."""
+    document = kind.objects(pk=log_name).first()  # type: ignore[attr-defined]
+    if document is not None and document.format != expected:
+        log.warning("%s of format %s, not %s: %s", kind.__name__, document.format, expected, otherwise)
         return None
-    if document.format != FORMAT:
-        log.warning("routing checkpoint of format %s, not %s: folding the whole log", document.format, FORMAT)
+    return document
+
+
+def load_checkpoint(log_name: str) -> Checkpoint | None:
+    document = _current(RouterCheckpointDocument, log_name, FORMAT, "folding the whole routing log")
+    if document is None:
         return None
     return Checkpoint(document.commit, list(document.read_back), [dict(row) for row in document.tallies])
 
@@ -99,11 +105,8 @@ def save_feed_checkpoint(log_name: str, snapshot: FeedSnapshot) -> None:
 
 
 def load_feed_checkpoint(log_name: str) -> FeedSnapshot | None:
-    document = FeedCheckpointDocument.objects(pk=log_name).first()
+    document = _current(FeedCheckpointDocument, log_name, FEED_FORMAT, "reading the whole agents topic")
     if document is None:
-        return None
-    if document.format != FEED_FORMAT:
-        log.warning("agent feed checkpoint of format %s, not %s: reading the whole topic", document.format, FEED_FORMAT)
         return None
     return FeedSnapshot(
         {view["agent_id"]: dict(view) for view in document.views},
