@@ -42,7 +42,7 @@ from services.kernel.envelope import Metadata
 from services.kernel.repository import Repository
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentsPort
-from services.routing.checkpoints import Checkpoint, drop_checkpoint, load_checkpoint, save_checkpoint
+from services.routing.checkpoints import drop_checkpoint, load_checkpoint, save_checkpoint
 from services.routing.domain.interaction import CreateInteraction
 from services.routing.domain.queues import default_queues
 from services.routing.events import INTERACTION, REGISTRY
@@ -143,13 +143,13 @@ def run() -> list[dict[str, Any]]:
                 from_checkpoint_s, from_checkpoint = timed_recovery(log)
                 drop_checkpoint(log.topic)
                 whole_log_s, whole_log = timed_recovery(log)
-                save_checkpoint(log.topic, Checkpoint(checkpoint.commit, checkpoint.reload, checkpoint.tallies))
+                save_checkpoint(log.topic, checkpoint)  # back, for the next size
                 assert from_checkpoint == whole_log, "the two start-ups disagree"
                 row = {
                     "interactions": written,
                     "events": events_in(log.topic),
                     "open": from_checkpoint[0],
-                    "read_back_at_checkpoint": len(checkpoint.reload),
+                    "read_back_at_checkpoint": len(checkpoint.read_back),
                     "tail_interactions": TAIL,
                     "whole_log_s": whole_log_s,
                     "from_checkpoint_s": from_checkpoint_s,

@@ -43,7 +43,7 @@ class RouterCheckpointDocument(me.Document):
 @dataclass(frozen=True)
 class Checkpoint:
     commit: int
-    reload: list[str]
+    read_back: list[str]
     tallies: list[dict[str, Any]]
 
 
@@ -52,7 +52,7 @@ def save_checkpoint(log_name: str, checkpoint: Checkpoint) -> None:
         log=log_name,
         format=FORMAT,
         commit=checkpoint.commit,
-        read_back=checkpoint.reload,
+        read_back=checkpoint.read_back,
         tallies=checkpoint.tallies,
         taken_at=datetime.now(UTC),
     ).save()

@@ -109,7 +109,6 @@ class Router:
         self._stale: set[str] = set()
         self._phantoms: set[str] = set()  # created in memory, the creation not yet stored
         self._checkpoint_s = checkpoint_s
-        self._next_checkpoint = time.monotonic() + checkpoint_s
         self._unconfirmed: set[str] = set()  # offered, the agent's reservation not yet confirmed
         self._announced: set[str] = set()  # offered, reserved and put on the agent's stream by this process
         self._journey: dict[str, tuple[str, dict[str, str]]] = {}  # correlation id, W3C headers
@@ -122,6 +121,9 @@ class Router:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="router", daemon=True)
+        # Checkpoints are written on a thread of their own: their database writes (every
+        # agent's view among them) never hold up a routing pass.
+        self._checkpointer = threading.Thread(target=self._checkpoint_every, name="router-checkpoint", daemon=True)
 
     # ---- life cycle ----
 
@@ -163,7 +165,7 @@ class Router:
         one with an event accepted in a commit after it; the closed ones it counted stay out
         of memory, like forgotten ones."""
         self._tallies.restore(checkpoint.tallies)
-        wanted: dict[str, set[str] | None] = dict.fromkeys(checkpoint.reload)  # None: whatever it holds
+        wanted: dict[str, set[str] | None] = dict.fromkeys(checkpoint.read_back)  # None: whatever it holds
         store = self._repo.store
         commits = 0
         for _, envelopes in store.commits_from(checkpoint.commit):
@@ -197,21 +199,30 @@ class Router:
             if answered is None:
                 return False  # nothing written by this process: the last checkpoint still holds
             unsettled = self._open.keys() | self._writing.keys() | self._stale
-            reload = sorted(iid for iid in unsettled if iid in self._all)
+            read_back = sorted(iid for iid in unsettled if iid in self._all)
             tallies = self._tallies.copy()
             now = self._clock().timestamp()
-            for iid in reload:
+            for iid in read_back:
                 tallies.count(self._all[iid], None, now)
-        save_checkpoint(self._topic, Checkpoint(answered + 1, reload, tallies.rows()))
+        save_checkpoint(self._topic, Checkpoint(answered + 1, read_back, tallies.rows()))
         return True
+
+    def _checkpoint_every(self) -> None:
+        while not self._stopping.wait(self._checkpoint_s):
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("could not save a checkpoint; trying again in %.0f s", self._checkpoint_s)
 
     def start(self) -> None:
         self._thread.start()
+        self._checkpointer.start()
 
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=10)
+        self._checkpointer.join(timeout=10)
         self._agents.stop()
         try:
             self.checkpoint()  # a restart then reads next to nothing of the log
@@ -235,9 +246,6 @@ class Router:
                     self.reconcile()
                 self.route_once()
                 self.forget_closed()
-                if time.monotonic() >= self._next_checkpoint:
-                    self._next_checkpoint = time.monotonic() + self._checkpoint_s
-                    self.checkpoint()
             except Exception:
                 log.exception("routing pass failed; retrying")
 

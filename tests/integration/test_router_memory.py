@@ -193,7 +193,7 @@ def test_a_checkpoint_replaces_the_last_and_a_restart_reads_only_what_follows_it
     second = load_checkpoint(mongo.topic("routing"))
     assert first is not None and second is not None
     assert second.commit > first.commit
-    assert second.reload == sorted([f"before-{n}" for n in range(5)] + ["after"])  # all open
+    assert second.read_back == sorted([f"before-{n}" for n in range(5)] + ["after"])  # all open
     assert list(router._repo.store.commits_from(second.commit)) == []  # nothing written since
     restarted = make_router()
     assert restarted.recover() == 6
