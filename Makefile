@@ -93,13 +93,15 @@ lint: setup
 # Knobs: BENCH_STEPS, BENCH_STEP_S, BENCH_AGENTS, ... (see bench/routing.py).
 # Then FerretDB as released against our patched build (bench/ferretdb.py), kafka-python against
 # librdkafka (bench/kafka_producers.py), queue figures old against new (bench/queue_stats.py) and the
-# router's start-up from a checkpoint against the whole log (bench/recovery.py), side by side.
+# router's start-up from a checkpoint against the whole log (bench/recovery.py), and the agents
+# service's cached histories, everything against the newest events (bench/agent_history.py), side by side.
 bench: setup
 	$(PY) -m bench.routing
 	$(PY) -m bench.ferretdb
 	$(PY) -m bench.kafka_producers
 	$(PY) -m bench.queue_stats
 	$(PY) -m bench.recovery
+	$(PY) -m bench.agent_history
 
 # Re-resolve the pinned dependency set after editing pyproject.toml.
 lock:

@@ -28,24 +28,23 @@ class AgentsApplication:
         self._agents = agents
         self._teams = teams
         self._clock = clock
-        self._folded: dict[str, tuple[domain.Agent, Message | None]] = {}  # agent, last event folded in
+        self._folded: dict[str, domain.Agent] = {}  # as of the last call: only newer events are applied
 
     def _agent(self, agent_id: str) -> domain.Agent:
-        """The agent folded from its history; only events new since the last call are
-        applied (an agent's history grows by four events per interaction)."""
-        history = self._agents.history(agent_id)
+        """The agent folded from its history: only the events after the state kept from
+        the last call are read and applied (an agent's history grows by four events per
+        interaction, all day, every day)."""
         known = self._folded.get(agent_id)
-        if (
-            known is None
-            or known[0].version > len(history)
-            or (history and history[known[0].version - 1][0] is not known[1])
-        ):
-            agent = domain.replay(agent_id, [])  # first sight, or the history was reloaded
-        else:
-            agent = known[0]
-        for event, at in history[agent.version :]:
+        if known is not None:
+            newer = self._agents.since(agent_id, known.version)
+            if newer is not None:
+                return self._fold(known, newer)
+        return self._fold(domain.replay(agent_id, []), self._agents.history(agent_id))
+
+    def _fold(self, agent: domain.Agent, events: list[tuple[Message, datetime]]) -> domain.Agent:
+        for event, at in events:
             agent = domain.apply(agent, event, at)
-        self._folded[agent_id] = (agent, history[-1][0] if history else None)
+        self._folded[agent.agent_id] = agent
         return agent
 
     def _team(self, team_id: str) -> domain.Team:

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
@@ -15,8 +16,28 @@ from services.kernel.envelope import EventRegistry, Metadata, wrap
 from services.kernel.eventstore import EventStore
 from services.kernel.telemetry import current_trace_headers
 
+History = list[tuple[Message, datetime]]
+KEEP_EVENTS = 64  # per cached aggregate: the newest ones, enough to catch up a folded state
+
+
+class _Cached(NamedTuple):
+    """The newest events of an aggregate: versions base + 1 ... base + len(events)."""
+
+    base: int
+    events: History
+
+    @property
+    def version(self) -> int:
+        return self.base + len(self.events)
+
 
 class Repository:
+    """Histories are cached per process, newest events only (`keep_events` per aggregate):
+    a caller that keeps its aggregates folded (the agents application) asks for what
+    came after the version it holds (`since`), and neither memory nor the work per
+    command grows with an aggregate's years of history.  A full `history` of an
+    aggregate whose cached events no longer start at its first is read from the store."""
+
     def __init__(
         self,
         store: EventStore,
@@ -25,14 +46,16 @@ class Repository:
         aggregate_type: str,
         on_saved: Callable[[], None] = lambda: None,
         cache_size: int = 10_000,
+        keep_events: int = KEEP_EVENTS,
     ) -> None:
         self._store = store
         self._registry = registry
         self._topic = topic
         self._aggregate_type = aggregate_type
         self._on_saved = on_saved  # wakes the outbox relay
-        self._cache: OrderedDict[str, list[tuple[Message, datetime]]] = OrderedDict()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
+        self._keep = keep_events
         self._tails: dict[str, tuple[int, Future[None]]] = {}  # aggregate -> (version after, write in flight)
         self._lock = threading.Lock()
 
@@ -47,25 +70,42 @@ class Repository:
         """The aggregate's events as stored, envelopes and all (read from the store)."""
         return self._store.load(aggregate_id)
 
-    def history(self, aggregate_id: str) -> list[tuple[Message, datetime]]:
+    def history(self, aggregate_id: str) -> History:
         """Every event of the aggregate with the time it happened, oldest first.
 
-        Histories are cached per process and extended by this process's own writes;
-        another writer's append shows up as a ConcurrencyConflict on save, which
-        drops the cached copy, so the retry reads the store again."""
+        Cached per process and extended by this process's own writes; another writer's
+        append shows up as a ConcurrencyConflict on save, which drops the cached copy,
+        so the retry reads the store again."""
         with self._lock:
             cached = self._cache.get(aggregate_id)
-        if cached is None:
-            cached = [self._decoded(envelope) for envelope in self._store.load(aggregate_id)]
-            with self._lock:
-                self._remember(aggregate_id, cached)
-        return list(cached)
+        if cached is not None and cached.base == 0:
+            return list(cached.events)
+        return self._load(aggregate_id)
+
+    def since(self, aggregate_id: str, version: int) -> History | None:
+        """The aggregate's events after `version`, oldest first; None if the store does
+        not reach `version` (the caller's state is not this aggregate's)."""
+        with self._lock:
+            cached = self._cache.get(aggregate_id)
+        if cached is not None and cached.base <= version <= cached.version:
+            return cached.events[version - cached.base :]
+        history = self._load(aggregate_id)
+        return history[version:] if version <= len(history) else None
+
+    def _load(self, aggregate_id: str) -> History:
+        history = [self._decoded(envelope) for envelope in self._store.load(aggregate_id)]
+        with self._lock:
+            self._remember(aggregate_id, _Cached(0, history))
+        return history
 
     def _decoded(self, envelope: EventEnvelope) -> tuple[Message, datetime]:
         return self._registry.decode(envelope), envelope.occurred_at.ToDatetime(tzinfo=UTC)
 
-    def _remember(self, aggregate_id: str, history: list[tuple[Message, datetime]]) -> None:
-        self._cache[aggregate_id] = history
+    def _remember(self, aggregate_id: str, cached: _Cached) -> None:
+        if len(cached.events) > self._keep:
+            dropped = len(cached.events) - self._keep
+            cached = _Cached(cached.base + dropped, cached.events[dropped:])
+        self._cache[aggregate_id] = cached
         self._cache.move_to_end(aggregate_id)
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -137,8 +177,10 @@ class Repository:
             if tail is not None and tail[1] is done:
                 del self._tails[aggregate_id]
             cached = self._cache.get(aggregate_id)
-            if failure is None and cached is not None and len(cached) == version:
-                self._remember(aggregate_id, cached + [self._decoded(e) for e in envelopes])
+            if failure is None and cached is not None and cached.version == version:
+                self._remember(
+                    aggregate_id, _Cached(cached.base, cached.events + [self._decoded(e) for e in envelopes])
+                )
             else:
                 self._cache.pop(aggregate_id, None)
         if failure is None:

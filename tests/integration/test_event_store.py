@@ -121,6 +121,28 @@ def test_a_second_writer_is_caught_and_the_cache_reloads(repository: Repository,
     assert [e.name for e in repository.load("a1")] == ["Anna", "from elsewhere"]  # type: ignore[attr-defined]
 
 
+def test_the_cache_keeps_the_newest_events_and_reads_the_rest_from_the_store(mongo: Settings) -> None:
+    repository = Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE, keep_events=3)
+    names = [f"name {n}" for n in range(8)]
+    for version, name in enumerate(names):
+        repository.save("a1", version, [registered("a1", name)], META)
+    repository.history("a1")  # read once: cached, then trimmed to the newest 3
+    repository.save("a1", 8, [registered("a1", "name 8")], META)  # extends the cache
+    names.append("name 8")
+    assert repository._cache["a1"].base == 6 and len(repository._cache["a1"].events) == 3
+    assert [e.name for e, _ in repository.since("a1", 7) or []] == names[7:]  # type: ignore[attr-defined]
+    assert repository.since("a1", 9) == []
+    # Before what the cache holds, and the whole history: read from the store.
+    assert [e.name for e, _ in repository.since("a1", 2) or []] == names[2:]  # type: ignore[attr-defined]
+    assert [e.name for e in repository.load("a1")] == names  # type: ignore[attr-defined]
+    assert repository.since("a1", 10) is None  # a state ahead of the store is not this aggregate's
+    other = Repository(eventstore.EventStore(), REGISTRY, mongo.topic("agents"), AGGREGATE_TYPE)
+    other.save("a1", 9, [registered("a1", "from elsewhere")], META)
+    with pytest.raises(ConcurrencyConflict):  # the cache is stale: dropped, read again
+        repository.save("a1", 9, [registered("a1", "stale")], META)
+    assert [e.name for e, _ in repository.since("a1", 8) or []] == ["name 8", "from elsewhere"]  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("collection", "key"),
     [

@@ -1,0 +1,183 @@
+"""What an agents service holds of each agent's history, and what a change costs, as its uptime grows.
+
+Every change of an agent (a reservation on the offer's path among them) reads the agent.
+The application keeps each agent folded and applies only the events after it, but until
+session 8 the repository cached every event of every agent it had seen, and each read
+copied that whole list: memory, the work per change and the garbage collector's full
+walks grew with the hours the process had been up (about 400 agent events a second at
+100 interactions/s).  Now the cache keeps each agent's newest `KEEP_EVENTS` and the
+application asks for what follows the version it holds (`Repository.since`).
+
+Side by side, in one run, for the history a process has seen after each uptime (50
+agents, 100 interactions/s, four events per interaction): the old read (`history`, over
+a cache holding everything) against the new (`since`, over a trimmed cache), both
+folding the one new event a change brings:
+
+* read + fold per change (median over rounds of every agent);
+* memory the cache holds (tracemalloc);
+* a full garbage collection with that cache alive (the pause every thread takes).
+
+No database: the cache is filled as the process's own writes would fill it, and what is
+timed runs in memory.  Figures go to `bench/results/agent-history-<time>.json` and
+`bench/results/agent-history-latest.md`.
+
+    PYTHONPATH=.:gen python -m bench.agent_history   (BENCH_AGENT_HISTORY_HOURS=0.25,1)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+import tracemalloc
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+from centralino.v1 import agents_pb2 as pb
+
+from bench.routing import git_info
+from services.agents import domain
+from services.agents.events import AGENT, REGISTRY
+from services.kernel.eventstore import EventStore
+from services.kernel.repository import KEEP_EVENTS, History, Repository, _Cached
+
+OUT = Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "results"))
+HOURS = tuple(float(h) for h in os.environ.get("BENCH_AGENT_HISTORY_HOURS", "0.25,1").split(","))
+AGENTS = 50
+RATE = 100.0  # interactions a second
+EVENTS_PER_INTERACTION = 4  # reserve, connect, end, complete wrap-up
+T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
+CYCLE = (pb.RESERVE, pb.CONNECT, pb.END, pb.COMPLETE_WRAP_UP)
+
+
+def history_of(agent_id: str, events: int) -> History:
+    """Registration, log-in, ready, then whole interactions, one event a second."""
+    made: History = [
+        (
+            pb.AgentRegistered(
+                agent_id=agent_id,
+                name=agent_id,
+                team_id="t1",
+                channels=[pb.ChannelCapacity(channel=pb.CHAT, max_concurrent=8)],
+            ),
+            T0,
+        ),
+        (pb.AgentStateChanged(agent_id=agent_id, transition=pb.LOG_IN), T0),
+        (pb.AgentStateChanged(agent_id=agent_id, transition=pb.GO_READY), T0),
+    ]
+    for n in range(events - len(made)):
+        change = pb.AgentStateChanged(
+            agent_id=agent_id, transition=CYCLE[n % 4], interaction_id=f"{agent_id}-i{n // 4}", channel=pb.CHAT
+        )
+        made.append((change, T0 + timedelta(seconds=n)))
+    return made
+
+
+def repository(keep_events: int) -> Repository:
+    return Repository(EventStore(), REGISTRY, "centralino.agents", AGENT, keep_events=keep_events)
+
+
+def fill(repo: Repository, histories: dict[str, History]) -> None:
+    """As a process's own writes leave it: read once, then extended write by write."""
+    for agent_id, history in histories.items():
+        with repo._lock:
+            repo._remember(agent_id, _Cached(0, history))
+
+
+def old_read(repo: Repository, agent: domain.Agent) -> domain.Agent:
+    history = repo.history(agent.agent_id)  # a copy of everything cached
+    for event, at in history[agent.version :]:
+        agent = domain.apply(agent, event, at)
+    return agent
+
+
+def new_read(repo: Repository, agent: domain.Agent) -> domain.Agent:
+    for event, at in repo.since(agent.agent_id, agent.version) or []:
+        agent = domain.apply(agent, event, at)
+    return agent
+
+
+def measure(hours: float, keep_events: int, read: Any) -> dict[str, float]:
+    per_agent = int(RATE * EVENTS_PER_INTERACTION * hours * 3600 / AGENTS)
+    gc.collect()
+    tracemalloc.start()
+    histories = {f"agent-{n:03d}": history_of(f"agent-{n:03d}", per_agent) for n in range(AGENTS)}
+    repo = repository(keep_events)
+    fill(repo, histories)
+    # Each agent folded up to its last event but one: a change brings one new event.
+    folded = {a: domain.replay(a, h[:-1]) for a, h in histories.items()}
+    del histories
+    gc.collect()
+    held_mb = tracemalloc.get_traced_memory()[0] / 1e6
+    tracemalloc.stop()
+    rounds = []
+    for _ in range(20):
+        started = time.perf_counter()
+        for agent in folded.values():
+            read(repo, agent)
+        rounds.append((time.perf_counter() - started) / len(folded) * 1e6)
+    pauses = []
+    for _ in range(3):
+        started = time.perf_counter()
+        gc.collect()
+        pauses.append((time.perf_counter() - started) * 1e3)
+    result = {
+        "events_per_agent": per_agent,
+        "read_fold_us": statistics.median(rounds),
+        "memory_mb": held_mb,
+        "full_gc_ms": min(pauses),
+        "tracked_objects": len(gc.get_objects()),
+    }
+    del repo, folded
+    gc.collect()
+    return result
+
+
+def main() -> None:
+    rows: list[dict[str, Any]] = []
+    for hours in HOURS:
+        old = measure(hours, 10**12, old_read)
+        new = measure(hours, KEEP_EVENTS, new_read)
+        rows.append({"hours": hours, "old": old, "new": new})
+        print(
+            f"{hours:g} h: read+fold {old['read_fold_us']:.1f} -> {new['read_fold_us']:.1f} us, "
+            f"memory {old['memory_mb']:.0f} -> {new['memory_mb']:.1f} MB, "
+            f"full gc {old['full_gc_ms']:.1f} -> {new['full_gc_ms']:.1f} ms",
+            flush=True,
+        )
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    OUT.mkdir(parents=True, exist_ok=True)
+    figures = {"run_at": stamp, **git_info(), "agents": AGENTS, "rate": RATE, "keep_events": KEEP_EVENTS, "rows": rows}
+    (OUT / f"agent-history-{stamp}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (OUT / "agent-history-latest.md").write_text(report(figures))
+
+
+def report(figures: dict[str, Any]) -> str:
+    lines = [
+        "# Agent histories in the agents service: everything cached against the newest events",
+        "",
+        f"Run {figures['run_at']}, commit {figures['commit']}. "
+        "Command: `PYTHONPATH=.:gen python -m bench.agent_history` (in `make bench`). "
+        f"{figures['agents']} agents, {figures['rate']:g} interactions/s, "
+        f"the newest {figures['keep_events']} events kept per agent.",
+        "",
+        "| uptime | events per agent | read + fold per change, old / new (us) | ratio "
+        "| cache memory, old / new (MB) | full gc pause, old / new (ms) | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in figures["rows"]:
+        old, new = cast(dict[str, float], row["old"]), cast(dict[str, float], row["new"])
+        lines.append(
+            f"| {row['hours']:g} h | {old['events_per_agent']:,.0f} "
+            f"| {old['read_fold_us']:.1f} / {new['read_fold_us']:.1f} "
+            f"| {old['read_fold_us'] / new['read_fold_us']:.0f}x | {old['memory_mb']:,.0f} / {new['memory_mb']:.1f} "
+            f"| {old['full_gc_ms']:.1f} / {new['full_gc_ms']:.1f} | {old['full_gc_ms'] / new['full_gc_ms']:.0f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
