@@ -17,11 +17,18 @@ folding the one new event a change brings:
 * memory the cache holds (tracemalloc);
 * a full garbage collection with that cache alive (the pause every thread takes).
 
-No database: the cache is filled as the process's own writes would fill it, and what is
-timed runs in memory.  Figures go to `bench/results/agent-history-<time>.json` and
+No database for these: the cache is filled as the process's own writes would fill it,
+and what is timed runs in memory.
+
+Then the first read of an agent after a restart, on a FerretDB of its own: the whole
+history (one `_id` lookup per event, as before session 8) against the latest snapshot
+and the events after it (at most `SNAPSHOT_EVERY`), at rising history lengths.
+
+Figures go to `bench/results/agent-history-<time>.json` and
 `bench/results/agent-history-latest.md`.
 
-    PYTHONPATH=.:gen python -m bench.agent_history   (BENCH_AGENT_HISTORY_HOURS=0.25,1)
+    PYTHONPATH=.:gen python -m bench.agent_history
+        (BENCH_AGENT_HISTORY_HOURS=0.25,1  BENCH_AGENT_RESTART_EVENTS=1050,10050)
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import gc
 import json
 import os
 import statistics
+import tempfile
 import time
 import tracemalloc
 from datetime import UTC, datetime, timedelta
@@ -39,13 +47,21 @@ from typing import Any, cast
 from centralino.v1 import agents_pb2 as pb
 
 from bench.routing import git_info
+from infra.stack import FerretNode, free_ports
 from services.agents import domain
-from services.agents.events import AGENT, REGISTRY
+from services.agents.adapters import AgentSnapshots
+from services.agents.application import SNAPSHOT_EVERY, AgentsApplication
+from services.agents.events import AGENT, REGISTRY, TEAM
+from services.kernel import eventstore, mongo
+from services.kernel.config import Settings
+from services.kernel.envelope import Metadata
 from services.kernel.eventstore import EventStore
 from services.kernel.repository import KEEP_EVENTS, History, Repository, _Cached
 
 OUT = Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "results"))
 HOURS = tuple(float(h) for h in os.environ.get("BENCH_AGENT_HISTORY_HOURS", "0.25,1").split(","))
+RESTART_EVENTS = tuple(int(n) for n in os.environ.get("BENCH_AGENT_RESTART_EVENTS", "1050,10050").split(","))
+AFTER_SNAPSHOT = SNAPSHOT_EVERY // 2  # events written since the latest snapshot, on average
 AGENTS = 50
 RATE = 100.0  # interactions a second
 EVENTS_PER_INTERACTION = 4  # reserve, connect, end, complete wrap-up
@@ -136,6 +152,64 @@ def measure(hours: float, keep_events: int, read: Any) -> dict[str, float]:
     return result
 
 
+def application(snapshots: AgentSnapshots | None) -> AgentsApplication:
+    store = EventStore()
+    agents = Repository(store, REGISTRY, "centralino.agents", AGENT)
+    teams = Repository(store, REGISTRY, "centralino.agents", TEAM)
+    return AgentsApplication(agents, teams, snapshots=snapshots)
+
+
+def first_read_s(snapshots: AgentSnapshots | None, agent_id: str) -> float:
+    """A fresh process's first read of the agent (best of 3)."""
+    times = []
+    for _ in range(3):
+        app = application(snapshots)
+        started = time.perf_counter()
+        app._agent(agent_id)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def write(writer: Repository, agent_id: str, events: History, version: int) -> None:
+    meta = Metadata(correlation_id="bench", causation_id="bench", producer="bench")
+    for start in range(0, len(events), 90):  # one commit each, under FerretDB's 100 documents
+        chunk = events[start : start + 90]
+        writer.save(agent_id, version + start, [e for e, _ in chunk], meta, [at for _, at in chunk])
+
+
+def restart() -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="centralino-agent-history-bench-") as tmp:
+        node = FerretNode(Path(tmp) / "ferretdb", free_ports(1)[0])
+        node.start()
+        try:
+            mongo.connect(Settings(mongo_url=node.url, namespace="agenthistorybench"))
+            eventstore.ensure_indexes()
+            writer = Repository(EventStore(), REGISTRY, "centralino.agents", AGENT)
+            for n, size in enumerate(RESTART_EVENTS):
+                agent_id = f"agent-{n}"
+                history = history_of(agent_id, size)
+                snapshot_at = size - AFTER_SNAPSHOT  # as a running service leaves it: some events since
+                write(writer, agent_id, history[:snapshot_at], 0)
+                snapshots = AgentSnapshots()
+                application(snapshots)._agent(agent_id)  # folded once: its snapshot is written
+                assert snapshots.store.flush()
+                write(writer, agent_id, history[snapshot_at:], snapshot_at)
+                whole, snapshot = first_read_s(None, agent_id), first_read_s(AgentSnapshots(), agent_id)
+                rows.append(
+                    {
+                        "events": size,
+                        "after_snapshot": AFTER_SNAPSHOT,
+                        "whole_history_s": whole,
+                        "from_snapshot_s": snapshot,
+                    }
+                )
+                print(f"restart, {size} events: whole history {whole:.3f} s, from a snapshot {snapshot:.3f} s")
+        finally:
+            node.stop()
+    return rows
+
+
 def main() -> None:
     rows: list[dict[str, Any]] = []
     for hours in HOURS:
@@ -150,7 +224,16 @@ def main() -> None:
         )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     OUT.mkdir(parents=True, exist_ok=True)
-    figures = {"run_at": stamp, **git_info(), "agents": AGENTS, "rate": RATE, "keep_events": KEEP_EVENTS, "rows": rows}
+    figures = {
+        "run_at": stamp,
+        **git_info(),
+        "agents": AGENTS,
+        "rate": RATE,
+        "keep_events": KEEP_EVENTS,
+        "snapshot_every": SNAPSHOT_EVERY,
+        "rows": rows,
+        "restart": restart(),
+    }
     (OUT / f"agent-history-{stamp}.json").write_text(json.dumps(figures, indent=2) + "\n")
     (OUT / "agent-history-latest.md").write_text(report(figures))
 
@@ -175,6 +258,20 @@ def report(figures: dict[str, Any]) -> str:
             f"| {old['read_fold_us']:.1f} / {new['read_fold_us']:.1f} "
             f"| {old['read_fold_us'] / new['read_fold_us']:.0f}x | {old['memory_mb']:,.0f} / {new['memory_mb']:.1f} "
             f"| {old['full_gc_ms']:.1f} / {new['full_gc_ms']:.1f} | {old['full_gc_ms'] / new['full_gc_ms']:.0f}x |"
+        )
+    lines += [
+        "",
+        f"An agent's first read after a restart, on FerretDB: the whole history against the latest snapshot "
+        f"(one every {figures['snapshot_every']} events) and the events after it (best of 3):",
+        "",
+        "| events in the agent's history | after the snapshot | whole history (s) | from the snapshot (s) | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in figures["restart"]:
+        ratio = row["whole_history_s"] / row["from_snapshot_s"]
+        lines.append(
+            f"| {row['events']:,} | {row['after_snapshot']} | {row['whole_history_s']:.3f} "
+            f"| {row['from_snapshot_s']:.3f} | {ratio:.0f}x |"
         )
     return "\n".join(lines) + "\n"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,7 +12,11 @@ import mongoengine as me
 from mongoengine.queryset import transform
 from pymongo import UpdateOne
 
+from services.agents.domain.agent import Agent, WorkItem
 from services.agents.state_view import View, new_view
+from services.kernel.snapshots import Snapshot, SnapshotStore
+
+log = logging.getLogger(__name__)
 
 
 class AgentDocument(me.Document):
@@ -180,3 +185,67 @@ def load_agent_view(agent_id: str) -> View | None:
     for name in BOOKKEEPING:
         view.pop(name, None)
     return view
+
+
+# ---- snapshots of the Agent aggregate (services.kernel.snapshots) ----
+
+AGENT_SNAPSHOTS = "agents.Agent"
+# Bump when the Agent's fields or the way events fold into it change: snapshots of
+# another format are ignored, and agents are folded from their events once more.
+AGENT_SNAPSHOT_FORMAT = 1
+
+
+def agent_snapshot(agent: Agent) -> Snapshot:
+    state = {
+        "registered": agent.registered,
+        "name": agent.name,
+        "team_id": agent.team_id,
+        # Lists of documents, not of lists: FerretDB v1 stores no nested arrays.
+        "channels": [{"channel": channel, "max_concurrent": most} for channel, most in agent.channels],
+        "logged_in": agent.logged_in,
+        "ready": agent.ready,
+        "reason": agent.reason,
+        "work": [{"interaction_id": w.interaction_id, "channel": w.channel, "phase": w.phase} for w in agent.work],
+        # ISO text, not a BSON date: those keep milliseconds, and changes are ordered by microseconds.
+        "last_change_at": agent.last_change_at.isoformat() if agent.last_change_at else None,
+        "shifts": sorted(agent.shifts),
+    }
+    return Snapshot(agent.version, state)
+
+
+def agent_from_snapshot(agent_id: str, snapshot: Snapshot) -> Agent:
+    state = snapshot.state
+    return Agent(
+        agent_id=agent_id,
+        version=snapshot.version,
+        registered=state["registered"],
+        name=state["name"],
+        team_id=state["team_id"],
+        channels=tuple((int(c["channel"]), int(c["max_concurrent"])) for c in state["channels"]),
+        logged_in=state["logged_in"],
+        ready=state["ready"],
+        reason=state["reason"],
+        work=tuple(WorkItem(w["interaction_id"], int(w["channel"]), w["phase"]) for w in state["work"]),
+        last_change_at=datetime.fromisoformat(state["last_change_at"]) if state["last_change_at"] else None,
+        shifts=frozenset(state["shifts"]),
+    )
+
+
+class AgentSnapshots:
+    """The Agent aggregate's snapshots: its codec over the kernel's snapshot store."""
+
+    def __init__(self, store: SnapshotStore | None = None) -> None:
+        self.store = store or SnapshotStore(AGENT_SNAPSHOTS, AGENT_SNAPSHOT_FORMAT)
+
+    def load(self, agent_id: str) -> Agent | None:
+        snapshot = self.store.load(agent_id)
+        if snapshot is None:
+            return None
+        try:
+            return agent_from_snapshot(agent_id, snapshot)
+        except (KeyError, TypeError, ValueError):  # unreadable: the events decide
+            log.warning("ignoring the unreadable snapshot of agent %s", agent_id, exc_info=True)
+            return None
+
+    def save_later(self, agent: Agent) -> None:
+        self.store.save_later(agent.agent_id, agent_snapshot(agent))

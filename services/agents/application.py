@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Protocol
 
 from centralino.v1.envelope_pb2 import EventEnvelope
 from google.protobuf.message import Message
@@ -21,20 +22,38 @@ Clock = Callable[[], datetime]
 TEAM_WRITE_ATTEMPTS = 5  # membership changes race only with other changes of the same team
 AGENT_WRITE_ATTEMPTS = 5
 Changed = list[EventEnvelope] | DomainError  # a change's envelopes, or why it was refused
+SNAPSHOT_EVERY = 100  # events: a read after a restart folds at most this many
+
+
+class Snapshots(Protocol):
+    """Where the folded agents are saved now and then (adapters.AgentSnapshots)."""
+
+    def load(self, agent_id: str) -> domain.Agent | None: ...
+
+    def save_later(self, agent: domain.Agent) -> None: ...
 
 
 class AgentsApplication:
-    def __init__(self, agents: Repository, teams: Repository, clock: Clock = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        agents: Repository,
+        teams: Repository,
+        clock: Clock = lambda: datetime.now(UTC),
+        snapshots: Snapshots | None = None,
+        snapshot_every: int = SNAPSHOT_EVERY,
+    ) -> None:
         self._agents = agents
         self._teams = teams
         self._clock = clock
+        self._snapshots = snapshots
+        self._snapshot_every = snapshot_every
         self._folded: dict[str, domain.Agent] = {}  # as of the last call: only newer events are applied
 
     def _agent(self, agent_id: str) -> domain.Agent:
         """The agent folded from its history: only the events after the state kept from
-        the last call are read and applied (an agent's history grows by four events per
-        interaction, all day, every day)."""
-        known = self._folded.get(agent_id)
+        the last call, or else after its latest snapshot, are read and applied (an
+        agent's history grows by four events per interaction, all day, every day)."""
+        known = self._folded.get(agent_id) or (self._snapshots.load(agent_id) if self._snapshots else None)
         if known is not None:
             newer = self._agents.since(agent_id, known.version)
             if newer is not None:
@@ -42,9 +61,12 @@ class AgentsApplication:
         return self._fold(domain.replay(agent_id, []), self._agents.history(agent_id))
 
     def _fold(self, agent: domain.Agent, events: list[tuple[Message, datetime]]) -> domain.Agent:
+        before = agent.version
         for event, at in events:
             agent = domain.apply(agent, event, at)
         self._folded[agent.agent_id] = agent
+        if self._snapshots is not None and agent.version // self._snapshot_every > before // self._snapshot_every:
+            self._snapshots.save_later(agent)  # committed events only: what was read
         return agent
 
     def _team(self, team_id: str) -> domain.Team:

@@ -38,6 +38,6 @@ def bootstrap(settings: Settings) -> AgentsWiring:
     agents = Repository(store, REGISTRY, topic, AGENT, on_saved=relay.wake)
     teams = Repository(store, REGISTRY, topic, TEAM, on_saved=relay.wake)
     hub = TeamWatchHub(settings.kafka_bootstrap, topic)
-    application = AgentsApplication(agents, teams, clock=now)
+    application = AgentsApplication(agents, teams, clock=now, snapshots=adapters.AgentSnapshots())
     servicer = AgentsServicer(application, AgentQueries(settings.zone, now), hub, now)
     return AgentsWiring(servicer, relay, hub)

@@ -182,10 +182,22 @@ class EventStore:
 
     def load_stored(self, aggregate_id: str) -> list[tuple[EventEnvelope, dict[str, str]]]:
         """The aggregate's events, each with the W3C context of the request that stored it."""
+        return self._read(aggregate_id, 1)
+
+    def load_after(self, aggregate_id: str, version: int) -> list[EventEnvelope] | None:
+        """The aggregate's events after `version` (a snapshot's, a folded state's); None if
+        the store does not hold event `version` (that state is not this aggregate's)."""
+        events = _collection(EVENTS_COLLECTION)
+        if version > 0 and events.find_one({"_id": event_key(aggregate_id, version)}, {"_id": 1}) is None:
+            return None
+        return [envelope for envelope, _ in self._read(aggregate_id, version + 1)]
+
+    @staticmethod
+    def _read(aggregate_id: str, first: int) -> list[tuple[EventEnvelope, dict[str, str]]]:
         events = _collection(EVENTS_COLLECTION)
         loaded: list[tuple[EventEnvelope, dict[str, str]]] = []
         fields = {"envelope": 1, "trace_headers": 1}
-        while doc := events.find_one({"_id": event_key(aggregate_id, len(loaded) + 1)}, fields):
+        while doc := events.find_one({"_id": event_key(aggregate_id, first + len(loaded))}, fields):
             loaded.append((EventEnvelope.FromString(doc["envelope"]), dict(doc.get("trace_headers") or {})))
         return loaded
 

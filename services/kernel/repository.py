@@ -89,8 +89,13 @@ class Repository:
             cached = self._cache.get(aggregate_id)
         if cached is not None and cached.base <= version <= cached.version:
             return cached.events[version - cached.base :]
-        history = self._load(aggregate_id)
-        return history[version:] if version <= len(history) else None
+        envelopes = self._store.load_after(aggregate_id, version)
+        if envelopes is None:
+            return None
+        events = [self._decoded(envelope) for envelope in envelopes]
+        with self._lock:
+            self._remember(aggregate_id, _Cached(version, events))
+        return list(events)
 
     def _load(self, aggregate_id: str) -> History:
         history = [self._decoded(envelope) for envelope in self._store.load(aggregate_id)]
