@@ -20,6 +20,12 @@ folding the one new event a change brings:
 No database for these: the cache is filled as the process's own writes would fill it,
 and what is timed runs in memory.
 
+Then the router's agent feed, on views of an agent that has worked every day for 1, 30
+and 92 days: a view kept as the read model keeps it (the last 92 days' counters) against
+today and yesterday only (`FEED_DAYS_KEPT`, since session 8): fold per event, and the
+bytes each agent adds to every feed checkpoint (all views go in one document, under
+MongoDB's 16 MB).
+
 Then the first read of an agent after a restart, on a FerretDB of its own: the whole
 history (one `_id` lookup per event, as before session 8) against the latest snapshot
 and the events after it (at most `SNAPSHOT_EVERY`), at rising history lengths.
@@ -43,12 +49,14 @@ import tracemalloc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
+import bson
 from centralino.v1 import agents_pb2 as pb
 
 from bench.routing import git_info
 from infra.stack import FerretNode, free_ports
-from services.agents import domain
+from services.agents import domain, state_view
 from services.agents.adapters import AgentSnapshots
 from services.agents.application import SNAPSHOT_EVERY, AgentsApplication
 from services.agents.events import AGENT, REGISTRY, TEAM
@@ -57,12 +65,15 @@ from services.kernel.config import Settings
 from services.kernel.envelope import Metadata
 from services.kernel.eventstore import EventStore
 from services.kernel.repository import KEEP_EVENTS, History, Repository, _Cached
+from services.routing.agent_feed import FEED_DAYS_KEPT
 
 OUT = Path(os.environ.get("BENCH_OUT", Path(__file__).resolve().parent / "results"))
 HOURS = tuple(float(h) for h in os.environ.get("BENCH_AGENT_HISTORY_HOURS", "0.25,1").split(","))
 RESTART_EVENTS = tuple(int(n) for n in os.environ.get("BENCH_AGENT_RESTART_EVENTS", "1050,10050").split(","))
 AFTER_SNAPSHOT = SNAPSHOT_EVERY // 2  # events written since the latest snapshot, on average
 AGENTS = 50
+FEED_DAYS = (1, 30, 92)
+ZONE = ZoneInfo("Europe/Rome")
 RATE = 100.0  # interactions a second
 EVENTS_PER_INTERACTION = 4  # reserve, connect, end, complete wrap-up
 T0 = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
@@ -152,6 +163,68 @@ def measure(hours: float, keep_events: int, read: Any) -> dict[str, float]:
     return result
 
 
+def worked_view(days: int) -> tuple[state_view.View, int]:
+    """An agent's view after `days` working days (a break, three chats, eight hours), then logged in today."""
+    view, sequence = state_view.new_view("a1"), 0
+
+    def fold(event: pb.AgentRegistered | pb.AgentStateChanged, at: float) -> None:
+        nonlocal view, sequence
+        sequence += 1
+        view = state_view.evolve(view, event, at, sequence, ZONE)
+
+    today = T0.timestamp()
+    channels = [pb.ChannelCapacity(channel=pb.CHAT, max_concurrent=8)]
+    fold(pb.AgentRegistered(agent_id="a1", name="Anna", team_id="t1", channels=channels), today - days * 86400)
+    for day in range(days, 0, -1):
+        at = today - day * 86400
+        fold(pb.AgentStateChanged(agent_id="a1", transition=pb.LOG_IN), at)
+        fold(pb.AgentStateChanged(agent_id="a1", transition=pb.GO_NOT_READY, reason=pb.BREAK), at + 100)
+        fold(pb.AgentStateChanged(agent_id="a1", transition=pb.GO_READY), at + 200)
+        for chat in range(3):
+            for transition in CYCLE:
+                change = pb.AgentStateChanged(
+                    agent_id="a1", transition=transition, interaction_id=f"i{day}-{chat}", channel=pb.CHAT
+                )
+                fold(change, at + 300 + chat * 60)
+        fold(pb.AgentStateChanged(agent_id="a1", transition=pb.LOG_OUT), at + 8 * 3600)
+    fold(pb.AgentStateChanged(agent_id="a1", transition=pb.LOG_IN), today)
+    fold(pb.AgentStateChanged(agent_id="a1", transition=pb.GO_READY), today + 1)
+    return view, sequence
+
+
+def feed_fold(days: int, days_kept: int) -> dict[str, float]:
+    view, sequence = worked_view(days)
+    view = state_view.evolve(
+        view,
+        pb.AgentStateChanged(agent_id="a1", transition=pb.GO_READY),
+        T0.timestamp() + 2,
+        sequence + 1,
+        ZONE,
+        days_kept,
+    )
+    changes = [pb.AgentStateChanged(agent_id="a1", transition=t, interaction_id="x", channel=pb.CHAT) for t in CYCLE]
+    rounds = []
+    for _ in range(5):
+        folded, started = view, time.perf_counter()
+        for n in range(400):
+            at = T0.timestamp() + 10 + n
+            folded = state_view.evolve(folded, changes[n % 4], at, sequence + 2 + n, ZONE, days_kept)
+        rounds.append((time.perf_counter() - started) / 400 * 1e6)
+    return {"fold_us": min(rounds), "checkpoint_bytes": len(bson.encode(folded))}
+
+
+def feed() -> list[dict[str, Any]]:
+    rows = []
+    for days in FEED_DAYS:
+        whole, short = feed_fold(days, state_view.DAYS_KEPT), feed_fold(days, FEED_DAYS_KEPT)
+        rows.append({"days": days, "read_model_days": whole, "feed_days": short})
+        print(
+            f"feed, {days} days worked: fold {whole['fold_us']:.1f} -> {short['fold_us']:.1f} us/event, "
+            f"checkpoint {whole['checkpoint_bytes']} -> {short['checkpoint_bytes']} bytes/agent"
+        )
+    return rows
+
+
 def application(snapshots: AgentSnapshots | None) -> AgentsApplication:
     store = EventStore()
     agents = Repository(store, REGISTRY, "centralino.agents", AGENT)
@@ -232,6 +305,7 @@ def main() -> None:
         "keep_events": KEEP_EVENTS,
         "snapshot_every": SNAPSHOT_EVERY,
         "rows": rows,
+        "feed": feed(),
         "restart": restart(),
     }
     (OUT / f"agent-history-{stamp}.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -258,6 +332,24 @@ def report(figures: dict[str, Any]) -> str:
             f"| {old['read_fold_us']:.1f} / {new['read_fold_us']:.1f} "
             f"| {old['read_fold_us'] / new['read_fold_us']:.0f}x | {old['memory_mb']:,.0f} / {new['memory_mb']:.1f} "
             f"| {old['full_gc_ms']:.1f} / {new['full_gc_ms']:.1f} | {old['full_gc_ms'] / new['full_gc_ms']:.0f}x |"
+        )
+    lines += [
+        "",
+        "The router's agent feed: one agent's view after days of work, folded keeping the read model's "
+        f"{state_view.DAYS_KEPT} days against today and yesterday (best of 5 rounds of 400 events); the bytes are "
+        "what each agent adds to every feed checkpoint, one document under MongoDB's 16 MB:",
+        "",
+        "| days worked | fold per event, 92 days / 2 (us) | ratio | checkpoint per agent, 92 days / 2 (bytes) "
+        "| agents under 16 MB, 92 days / 2 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in figures["feed"]:
+        whole, short = row["read_model_days"], row["feed_days"]
+        lines.append(
+            f"| {row['days']} | {whole['fold_us']:.1f} / {short['fold_us']:.1f} "
+            f"| {whole['fold_us'] / short['fold_us']:.1f}x "
+            f"| {whole['checkpoint_bytes']:,} / {short['checkpoint_bytes']:,} "
+            f"| {16e6 / whole['checkpoint_bytes']:,.0f} / {16e6 / short['checkpoint_bytes']:,.0f} |"
         )
     lines += [
         "",

@@ -231,11 +231,13 @@ def _copy_day(counters: dict[str, Any]) -> dict[str, Any]:
     return {**counters, "not_ready_s": dict(counters["not_ready_s"])}
 
 
-def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo) -> View:
+def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo, days_kept: int = DAYS_KEPT) -> View:
     """The view after `event` (which happened at epoch `at`); the input is not modified.
 
     Only state changes move the accounting clock: a registration or a schedule
-    published today says nothing about what the agent did at that moment.
+    published today says nothing about what the agent did at that moment.  A reader
+    that needs only today's figures (the router) keeps fewer days: each event copies
+    the days kept.
     """
     view = _copy(view)
     _profile(view, event)
@@ -243,18 +245,18 @@ def evolve(view: View, event: Message, at: float, sequence: int, tz: ZoneInfo) -
     if isinstance(event, AgentStateChanged):
         _state_changed(view, event, after, at, tz)
     view.update(available_on=available_channels(after), version=sequence)
-    _forget_before(view, at, tz)
+    _forget_before(view, at, tz, days_kept)
     return view
 
 
-def oldest_day_kept(at: float, tz: ZoneInfo) -> str:
+def oldest_day_kept(at: float, tz: ZoneInfo, days_kept: int = DAYS_KEPT) -> str:
     """The first day whose counters a view folded up to `at` still holds."""
-    return day_of(at - DAYS_KEPT * 86400, tz)
+    return day_of(at - days_kept * 86400, tz)
 
 
-def _forget_before(view: View, at: float, tz: ZoneInfo) -> None:
+def _forget_before(view: View, at: float, tz: ZoneInfo, days_kept: int) -> None:
     # By event time, not the clock: a replay of the log folds the same views.
-    cutoff, oldest = at - DAYS_KEPT * 86400, oldest_day_kept(at, tz)
+    cutoff, oldest = at - days_kept * 86400, oldest_day_kept(at, tz, days_kept)
     if any(day < oldest for day in view["days"]):  # "YYYY-MM-DD" sorts as dates do
         view["days"] = {day: counters for day, counters in view["days"].items() if day >= oldest}
     if any(shift["end"] < cutoff for shift in view["shifts"].values()):

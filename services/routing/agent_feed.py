@@ -29,6 +29,10 @@ from services.kernel.envelope import UnknownEventType, read_envelope
 from services.kernel.kafka import Consumed, TopicReader
 
 log = logging.getLogger(__name__)
+# Routing reads an agent's live state and today's counters (occupancy), never older
+# days: the views keep today and yesterday, not the read model's quarter.  Each event
+# copies the days a view keeps, and every checkpoint writes every view.
+FEED_DAYS_KEPT = 1
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,9 @@ class AgentFeed:
         event = AGENT_EVENTS.decode(envelope)
         at = envelope.occurred_at.ToDatetime(tzinfo=UTC).timestamp()
         with self._lock:
-            self._views[envelope.aggregate_id] = state_view.evolve(view, event, at, envelope.sequence, self.tz)
+            self._views[envelope.aggregate_id] = state_view.evolve(
+                view, event, at, envelope.sequence, self.tz, days_kept=FEED_DAYS_KEPT
+            )
         self._on_change(envelope.aggregate_id)
 
     def _fold(self, record: Consumed) -> None:

@@ -192,8 +192,12 @@ class Router:
         """Save where a restart begins: the tallies without the interactions a restart reads
         back (the open ones, and any with a write not yet answered or failed), and the first
         commit a write answered from now on can be in.  False if there is none yet.  The agent
-        feed's snapshot is saved beside it in any case."""
-        save_feed_checkpoint(self._topic, self._feed.snapshot())
+        feed's snapshot is saved beside it in any case, and its failure (one document of every
+        agent's view: MongoDB's 16 MB cap, about 14,000 agents) does not hold the router's back."""
+        try:
+            save_feed_checkpoint(self._topic, self._feed.snapshot())
+        except Exception:
+            log.exception("could not save the agent feed's checkpoint; a restart reads the agents topic from the last")
         with self._lock, self._writes:
             answered = self._repo.store.answered_through()
             if answered is None:

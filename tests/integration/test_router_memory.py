@@ -18,6 +18,7 @@ import pytest
 from centralino.v1 import routing_pb2 as pb
 from centralino.v1.agents_pb2 import CHAT
 
+from services.agents import state_view
 from services.kernel import eventstore
 from services.kernel.config import Settings
 from services.kernel.envelope import Metadata
@@ -25,7 +26,7 @@ from services.kernel.errors import PreconditionFailed
 from services.kernel.repository import Repository
 from services.routing.agent_feed import AgentFeed
 from services.routing.agents_port import AgentsPort
-from services.routing.checkpoints import drop_checkpoint, load_checkpoint
+from services.routing.checkpoints import drop_checkpoint, load_checkpoint, load_feed_checkpoint
 from services.routing.domain.interaction import CreateInteraction, S
 from services.routing.domain.queues import default_queues
 from services.routing.events import INTERACTION, REGISTRY
@@ -198,3 +199,16 @@ def test_a_checkpoint_replaces_the_last_and_a_restart_reads_only_what_follows_it
     restarted = make_router()
     assert restarted.recover() == 6
     assert figures(restarted) == figures(router)
+
+
+def test_a_feed_checkpoint_that_cannot_be_saved_does_not_hold_the_routers_back(
+    make_router: Callable[[], Router], mongo: Settings
+) -> None:
+    router = make_router()
+    router.create(new("one"), "")
+    # Every agent's view goes in one document: past MongoDB's 16 MB it cannot be saved.
+    router._feed._views["huge"] = {**state_view.new_view("huge"), "name": "x" * 17_000_000}
+    assert router.checkpoint()
+    saved = load_checkpoint(mongo.topic("routing"))
+    assert saved is not None and saved.read_back == ["one"]
+    assert load_feed_checkpoint(mongo.topic("routing")) is None

@@ -164,6 +164,24 @@ def test_folding_and_reading_never_change_an_earlier_view() -> None:
         assert view == snapshot
 
 
+def test_a_reader_of_today_alone_keeps_today_and_yesterday_with_the_same_figures() -> None:
+    """The router's agent feed folds with days_kept=1: each event copies only those days."""
+    s = scripted_shift()  # 2026-11-02, with a shift 08:00-10:00
+    s.do(at(11, 0), T.LOG_IN).do(at(11, 1), T.GO_READY)
+    later = (at(11, 1) + timedelta(days=5)).timestamp()
+    break_ = pb.AgentStateChanged(agent_id="a1", transition=T.GO_NOT_READY, state=pb.NOT_READY, reason=pb.BREAK)
+
+    full = state_view.evolve(s.view, break_, later, s.agent.version + 1, UTC_ZONE)
+    short = state_view.evolve(s.view, break_, later, s.agent.version + 1, UTC_ZONE, days_kept=1)
+    today = state_view.day_of(later, UTC_ZONE)
+    assert len(full["days"]) == 6 and sorted(short["days"]) == sorted(full["days"])[-2:]
+    assert short == {**full, "days": short["days"], "shifts": {}}
+    now = later + 3600
+    assert state_view.day_counters(state_view.up_to(short, now, UTC_ZONE), today) == state_view.day_counters(
+        state_view.up_to(full, now, UTC_ZONE), today
+    )
+
+
 def test_a_view_keeps_the_counters_and_shifts_of_its_last_days_only() -> None:
     """A view is rewritten on every change of its agent: it must not grow for years."""
     s = scripted_shift()  # 2026-11-02, with a shift 08:00-10:00
