@@ -46,6 +46,8 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -53,11 +55,18 @@ from zoneinfo import ZoneInfo
 
 import bson
 from centralino.v1 import agents_pb2 as pb
+from pymongo import UpdateOne
 
 from bench.routing import git_info
 from infra.stack import FerretNode, free_ports
 from services.agents import domain, state_view
-from services.agents.adapters import AgentSnapshots
+from services.agents.adapters import (
+    AgentDocument,
+    AgentSnapshots,
+    ViewWrite,
+    save_agent_views,
+    save_existing_agent_views,
+)
 from services.agents.application import SNAPSHOT_EVERY, AgentsApplication
 from services.agents.events import AGENT, REGISTRY, TEAM
 from services.kernel import eventstore, mongo
@@ -250,36 +259,91 @@ def write(writer: Repository, agent_id: str, events: History, version: int) -> N
         writer.save(agent_id, version + start, [e for e, _ in chunk], meta, [at for _, at in chunk])
 
 
-def restart() -> list[dict[str, Any]]:
-    rows = []
+@contextmanager
+def ferretdb() -> Iterator[int]:
+    """A FerretDB of the bench's own, connected; yields its pid."""
     with tempfile.TemporaryDirectory(prefix="centralino-agent-history-bench-") as tmp:
         node = FerretNode(Path(tmp) / "ferretdb", free_ports(1)[0])
-        node.start()
+        pid = node.start()
         try:
             mongo.connect(Settings(mongo_url=node.url, namespace="agenthistorybench"))
             eventstore.ensure_indexes()
-            writer = Repository(EventStore(), REGISTRY, "centralino.agents", AGENT)
-            for n, size in enumerate(RESTART_EVENTS):
-                agent_id = f"agent-{n}"
-                history = history_of(agent_id, size)
-                snapshot_at = size - AFTER_SNAPSHOT  # as a running service leaves it: some events since
-                write(writer, agent_id, history[:snapshot_at], 0)
-                snapshots = AgentSnapshots()
-                application(snapshots)._agent(agent_id)  # folded once: its snapshot is written
-                assert snapshots.store.flush()
-                write(writer, agent_id, history[snapshot_at:], snapshot_at)
-                whole, snapshot = first_read_s(None, agent_id), first_read_s(AgentSnapshots(), agent_id)
-                rows.append(
-                    {
-                        "events": size,
-                        "after_snapshot": AFTER_SNAPSHOT,
-                        "whole_history_s": whole,
-                        "from_snapshot_s": snapshot,
-                    }
-                )
-                print(f"restart, {size} events: whole history {whole:.3f} s, from a snapshot {snapshot:.3f} s")
+            yield pid
         finally:
+            mongo.disconnect()
             node.stop()
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def restart() -> list[dict[str, Any]]:
+    rows = []
+    writer = Repository(EventStore(), REGISTRY, "centralino.agents", AGENT)
+    for n, size in enumerate(RESTART_EVENTS):
+        agent_id = f"agent-{n}"
+        history = history_of(agent_id, size)
+        snapshot_at = size - AFTER_SNAPSHOT  # as a running service leaves it: some events since
+        write(writer, agent_id, history[:snapshot_at], 0)
+        snapshots = AgentSnapshots()
+        application(snapshots)._agent(agent_id)  # folded once: its snapshot is written
+        assert snapshots.store.flush()
+        write(writer, agent_id, history[snapshot_at:], snapshot_at)
+        whole, snapshot = first_read_s(None, agent_id), first_read_s(AgentSnapshots(), agent_id)
+        rows.append(
+            {"events": size, "after_snapshot": AFTER_SNAPSHOT, "whole_history_s": whole, "from_snapshot_s": snapshot}
+        )
+        print(f"restart, {size} events: whole history {whole:.3f} s, from a snapshot {snapshot:.3f} s")
+    return rows
+
+
+def nested_write(write: ViewWrite) -> UpdateOne:
+    """The projection's update as it was until session 8: days and shifts as nested documents."""
+    fields = {**write.fields(), "days": write.view["days"], "shifts": write.view["shifts"]}
+    return UpdateOne(
+        {"_id": write.key, "version": {"$lt": write.sequences[0]}},
+        {"$set": fields, "$inc": {"events_applied": len(write.sequences)}},
+    )
+
+
+def update_cost(pid: int, views: list[state_view.View], sequence: int, layout: str) -> dict[str, float]:
+    AgentDocument.drop_collection()
+    for agent in views:
+        save_agent_views(ViewWrite(agent, [sequence], "e", "t"))
+    collection = AgentDocument._get_collection()
+    if layout == "nested":
+        collection.bulk_write([nested_write(ViewWrite(v, [sequence + 1], "e", "t")) for v in views])
+    rounds, started, cpu = 20, time.perf_counter(), cpu_s(pid)
+    for r in range(rounds):
+        writes = [ViewWrite({**v, "version": sequence + 2 + r}, [sequence + 2 + r], "e", "t") for v in views]
+        if layout == "nested":
+            collection.bulk_write([nested_write(w) for w in writes], ordered=True)
+        else:
+            save_existing_agent_views(writes)
+    updates = rounds * len(views)
+    return {
+        "document_bytes": len(bson.encode(collection.find_one())),
+        "update_ms": (time.perf_counter() - started) / updates * 1e3,
+        "ferretdb_cpu_ms": (cpu_s(pid) - cpu) / updates * 1e3,
+    }
+
+
+def read_model(pid: int) -> list[dict[str, Any]]:
+    """The projection's write of 50 agents' views (one bulk command, as a batch makes it),
+    the views as they are after days of work: FerretDB v1 reads and rewrites the whole
+    document, at a cost that grows with its number of values."""
+    rows = []
+    for days in FEED_DAYS:
+        view, sequence = worked_view(days)
+        views = [{**view, "agent_id": f"agent-{n:03d}"} for n in range(AGENTS)]
+        nested, text = update_cost(pid, views, sequence, "nested"), update_cost(pid, views, sequence, "text")
+        rows.append({"days": days, "nested": nested, "text": text})
+        print(
+            f"read model, {days} days worked: FerretDB CPU per update {nested['ferretdb_cpu_ms']:.2f} ms nested, "
+            f"{text['ferretdb_cpu_ms']:.2f} ms as text"
+        )
     return rows
 
 
@@ -306,8 +370,9 @@ def main() -> None:
         "snapshot_every": SNAPSHOT_EVERY,
         "rows": rows,
         "feed": feed(),
-        "restart": restart(),
     }
+    with ferretdb() as pid:
+        figures |= {"restart": restart(), "read_model": read_model(pid)}
     (OUT / f"agent-history-{stamp}.json").write_text(json.dumps(figures, indent=2) + "\n")
     (OUT / "agent-history-latest.md").write_text(report(figures))
 
@@ -364,6 +429,25 @@ def report(figures: dict[str, Any]) -> str:
         lines.append(
             f"| {row['events']:,} | {row['after_snapshot']} | {row['whole_history_s']:.3f} "
             f"| {row['from_snapshot_s']:.3f} | {ratio:.0f}x |"
+        )
+    lines += [
+        "",
+        f"The agents projection's write of {figures['agents']} agents' read models in one bulk command, the views "
+        "after days of work, each agent written 20 times: days and shifts as nested documents (until session 8) "
+        "against one JSON text each (FerretDB v1 on SQLite reads and rewrites the whole document on every update; "
+        "at 100 interactions/s the projection writes each agent about 4 times a second):",
+        "",
+        "| days worked | document, nested / text (bytes) | per update, nested / text (ms) "
+        "| FerretDB CPU per update, nested / text (ms) | ratio |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in figures["read_model"]:
+        nested, text = row["nested"], row["text"]
+        lines.append(
+            f"| {row['days']} | {nested['document_bytes']:,} / {text['document_bytes']:,} "
+            f"| {nested['update_ms']:.2f} / {text['update_ms']:.2f} "
+            f"| {nested['ferretdb_cpu_ms']:.2f} / {text['ferretdb_cpu_ms']:.2f} "
+            f"| {nested['ferretdb_cpu_ms'] / text['ferretdb_cpu_ms']:.1f}x |"
         )
     return "\n".join(lines) + "\n"
 

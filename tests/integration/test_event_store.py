@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -109,6 +110,22 @@ def test_projecting_the_same_event_twice_changes_nothing(repository: Repository)
     assert project(EventEnvelope.FromString(envelope.SerializeToString())) is False
     assert AgentDocument.objects.get(agent_id="a1").to_mongo().to_dict() == first
     assert first["events_applied"] == 1 and first["version"] == 1
+
+
+def test_days_and_shifts_are_stored_as_text_and_documents_written_before_still_read(repository: Repository) -> None:
+    project = projector(ZoneInfo("UTC"))
+    changes = [pb.AgentStateChanged(agent_id="a1", transition=t) for t in (pb.LOG_IN, pb.GO_READY, pb.GO_NOT_READY)]
+    for version, event in enumerate([registered("a1"), *changes]):
+        [envelope] = repository.save("a1", version, [event], META)
+        assert project(envelope) is True
+    raw = AgentDocument._get_collection().find_one({"_id": "a1"})
+    assert isinstance(raw["days"], str) and isinstance(raw["shifts"], str)  # one value each for FerretDB
+    view = AgentDocument.objects.get(agent_id="a1").to_view()
+    assert view["days"] and isinstance(view["days"], dict) and view["shifts"] == {}
+    # As documents were written before: nested documents.
+    nested = {"days": json.loads(raw["days"]), "shifts": json.loads(raw["shifts"])}
+    AgentDocument._get_collection().update_one({"_id": "a1"}, {"$set": nested})
+    assert AgentDocument.objects.get(agent_id="a1").to_view() == view
 
 
 def test_a_second_writer_is_caught_and_the_cache_reloads(repository: Repository, mongo: Settings) -> None:
