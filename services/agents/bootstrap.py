@@ -34,7 +34,14 @@ def bootstrap(settings: Settings) -> AgentsWiring:
     adapters.ensure_indexes()
     topic = settings.topic("agents")
     store = eventstore.EventStore(log_name=topic)
-    relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-agents", settings.relay_interval_s)
+    relay = relay_for(
+        store,
+        settings.kafka_bootstrap,
+        topic,
+        "centralino-agents",
+        settings.relay_interval_s,
+        settings.event_retention_ms,
+    )
     agents = Repository(store, REGISTRY, topic, AGENT, on_saved=relay.wake)
     teams = Repository(store, REGISTRY, topic, TEAM, on_saved=relay.wake)
     hub = TeamWatchHub(settings.kafka_bootstrap, topic)

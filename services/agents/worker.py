@@ -20,7 +20,9 @@ def main() -> None:
     adapters.ensure_indexes()
     # A consumer that subscribes before its topic exists ignores it until the next
     # metadata refresh (minutes), so the topics are created first.
-    kafka.ensure_topics(settings.kafka_bootstrap, projections.source_topics(settings))
+    kafka.ensure_topics(
+        settings.kafka_bootstrap, projections.source_topics(settings), retention_ms=settings.event_retention_ms
+    )
     app = create_app("agents-projections", settings)
     projections.register(app, settings)
     if len(sys.argv) == 1:

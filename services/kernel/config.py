@@ -25,6 +25,9 @@ class Settings:
     grpc_host: str = "127.0.0.1"
     state_dir: Path = Path(".stack")
     relay_interval_s: float = 1.0
+    # How long event topics keep their records (ms; -1: forever).  Projections are rebuilt,
+    # and a router without a checkpoint starts, by reading a topic from its beginning.
+    event_retention_ms: int = -1
     # The contact center's time zone: "today", shifts and midnight splits follow it.
     timezone: str = "UTC"
     # Routing: a JSON file overriding/adding queues, and the service-level formula
@@ -102,6 +105,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         grpc_host=env.get("CENTRALINO_GRPC_HOST", defaults.grpc_host),
         state_dir=Path(env.get("CENTRALINO_STATE_DIR", str(defaults.state_dir))),
         relay_interval_s=float(env.get("CENTRALINO_RELAY_INTERVAL_S", defaults.relay_interval_s)),
+        event_retention_ms=int(env.get("CENTRALINO_EVENT_RETENTION_MS", defaults.event_retention_ms)),
         timezone=env.get("CENTRALINO_TIMEZONE", defaults.timezone),
         routing_queues_file=env.get("CENTRALINO_ROUTING_QUEUES", defaults.routing_queues_file),
         service_level_variant=env.get("CENTRALINO_SERVICE_LEVEL_VARIANT", defaults.service_level_variant),

@@ -362,6 +362,7 @@ class EventStore:
 
     def _head(self) -> int:
         """The first free number in this log (no gaps: numbers are taken in order)."""
+
         def taken(n: int) -> bool:
             return self._intent(n, {"_id": 1}) is not None
 

@@ -6,7 +6,8 @@ Python, about 0.14 ms of CPU per record against 0.04 (`bench/kafka_producers.py`
 the outbox relays send every event of the platform.  The whole-topic readers (the
 router's agent feed, the team watch) read with librdkafka too: they see every agent
 event, and kafka-python's fetch path cost the router about a sixth of its CPU.  Admin
-stays on kafka-python; the projections read through Faust (aiokafka).
+stays on kafka-python, but for librdkafka's incremental change of a topic's settings;
+the projections read through Faust (aiokafka).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
@@ -110,17 +112,49 @@ def make_producer(bootstrap: str, client_id: str) -> EventProducer:
     return EventProducer(bootstrap, client_id)
 
 
-def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3) -> None:
-    """Create event topics up front (auto-creation would give them broker defaults)."""
+KEEP_FOREVER = -1
+
+
+def ensure_topics(bootstrap: str, topics: Sequence[str], partitions: int = 3, retention_ms: int = KEEP_FOREVER) -> None:
+    """Create event topics up front (auto-creation would give them broker defaults), and
+    make them keep their records for `retention_ms` (forever by default).
+
+    Projections are rebuilt, and a router without a checkpoint starts, by reading a topic
+    from its beginning: with the broker's default retention (7 days) an agent registered
+    earlier would be missing from both.  Topics made by earlier releases are set too,
+    with an incremental change that leaves their other settings as they are."""
+    configs = {"retention.ms": str(retention_ms)}
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="centralino-admin")
     try:
         existing = set(admin.list_topics())
-        missing = [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics if t not in existing]
+        missing = [
+            NewTopic(t, num_partitions=partitions, replication_factor=1, topic_configs=configs)
+            for t in topics
+            if t not in existing
+        ]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # a concurrent starter created it first
                 admin.create_topics(missing)
     finally:
         admin.close()
+    _set_topic_configs(bootstrap, [t for t in topics if t in existing], configs)
+
+
+def _set_topic_configs(bootstrap: str, topics: Sequence[str], configs: Mapping[str, str]) -> None:
+    if not topics:
+        return
+    admin = AdminClient({"bootstrap.servers": bootstrap, "client.id": "centralino-admin"})
+    entries = [ConfigEntry(name, value, incremental_operation=AlterConfigOpType.SET) for name, value in configs.items()]
+    resources = [ConfigResource("topic", topic, incremental_configs=entries) for topic in topics]
+    for future in admin.incremental_alter_configs(resources).values():
+        future.result(timeout=10)
+
+
+def topic_config(bootstrap: str, topic: str, name: str) -> str:
+    """One setting of a topic, as the broker has it."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "client.id": "centralino-admin"})
+    [future] = admin.describe_configs([ConfigResource("topic", topic)]).values()
+    return str(future.result(timeout=10)[name].value)
 
 
 class Consumed(NamedTuple):

@@ -25,7 +25,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from services.kernel import metrics
 from services.kernel.envelope import cloudevents_headers
 from services.kernel.eventstore import EventStore, Unpublished
-from services.kernel.kafka import EventProducer, Headers, ensure_topics, make_producer
+from services.kernel.kafka import KEEP_FOREVER, EventProducer, Headers, ensure_topics, make_producer
 from services.kernel.telemetry import context_from_headers
 
 log = logging.getLogger(__name__)
@@ -179,11 +179,13 @@ class OutboxRelay:
                 backoff = min(backoff * 2, 30.0)
 
 
-def relay_for(store: EventStore, bootstrap: str, topic: str, client_id: str, interval_s: float) -> OutboxRelay:
+def relay_for(
+    store: EventStore, bootstrap: str, topic: str, client_id: str, interval_s: float, retention_ms: int = KEEP_FOREVER
+) -> OutboxRelay:
     """The relay of one service: its producer (and topic) are made when Kafka first answers."""
 
     def producer() -> EventProducer:
-        ensure_topics(bootstrap, [topic])
+        ensure_topics(bootstrap, [topic], retention_ms=retention_ms)
         return make_producer(bootstrap, client_id=client_id)
 
     return OutboxRelay(store, producer, interval_s=interval_s)

@@ -42,7 +42,14 @@ def bootstrap(settings: Settings) -> RoutingWiring:
     topic = settings.topic("routing")
 
     store = eventstore.EventStore(log_name=topic)
-    relay = relay_for(store, settings.kafka_bootstrap, topic, "centralino-routing", settings.relay_interval_s)
+    relay = relay_for(
+        store,
+        settings.kafka_bootstrap,
+        topic,
+        "centralino-routing",
+        settings.relay_interval_s,
+        settings.event_retention_ms,
+    )
     interactions = Repository(store, REGISTRY, topic, INTERACTION, on_saved=relay.wake)
     agents = AgentsPort(instrumented_channel(settings.grpc_target("agents")))
     bus = OfferBus()

@@ -16,3 +16,8 @@ def test_projection_and_checkpoint_settings_come_from_the_environment() -> None:
         }
     )
     assert (given.projection_batch_s, given.projection_nice, given.routing_checkpoint_s) == (0.05, 0, 2.0)
+
+
+def test_event_topics_keep_their_records_forever_unless_told() -> None:
+    assert load_settings({}).event_retention_ms == -1
+    assert load_settings({"CENTRALINO_EVENT_RETENTION_MS": "2592000000"}).event_retention_ms == 2_592_000_000
