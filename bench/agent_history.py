@@ -28,7 +28,9 @@ MongoDB's 16 MB).
 
 Then the first read of an agent after a restart, on a FerretDB of its own: the whole
 history (one `_id` lookup per event, as before session 8) against the latest snapshot
-and the events after it (at most `SNAPSHOT_EVERY`), at rising history lengths.
+and the events after it (at most `SNAPSHOT_EVERY`), at rising history lengths.  And
+the agents projection's bulk write of 50 agents' read models after 1, 30 and 92 days of
+work: days and shifts as nested documents (until session 8) against JSON text.
 
 Figures go to `bench/results/agent-history-<time>.json` and
 `bench/results/agent-history-latest.md`.
@@ -377,78 +379,112 @@ def main() -> None:
     (OUT / "agent-history-latest.md").write_text(report(figures))
 
 
-def report(figures: dict[str, Any]) -> str:
-    lines = [
-        "# Agent histories in the agents service: everything cached against the newest events",
-        "",
-        f"Run {figures['run_at']}, commit {figures['commit']}. "
-        "Command: `PYTHONPATH=.:gen python -m bench.agent_history` (in `make bench`). "
-        f"{figures['agents']} agents, {figures['rate']:g} interactions/s, "
-        f"the newest {figures['keep_events']} events kept per agent.",
-        "",
-        "| uptime | events per agent | read + fold per change, old / new (us) | ratio "
-        "| cache memory, old / new (MB) | full gc pause, old / new (ms) | ratio |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+def table(intro: str, header: list[str], rows: list[list[str]]) -> list[str]:
+    """A section of the report: a sentence, then a Markdown table (numbers right-aligned)."""
+    lines = ["", intro, "", "| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def pair(old: float, new: float, digits: int = 1) -> str:
+    return f"{old:,.{digits}f} / {new:,.{digits}f}"
+
+
+def memory_section(figures: dict[str, Any]) -> list[str]:
+    rows = []
     for row in figures["rows"]:
         old, new = cast(dict[str, float], row["old"]), cast(dict[str, float], row["new"])
-        lines.append(
-            f"| {row['hours']:g} h | {old['events_per_agent']:,.0f} "
-            f"| {old['read_fold_us']:.1f} / {new['read_fold_us']:.1f} "
-            f"| {old['read_fold_us'] / new['read_fold_us']:.0f}x | {old['memory_mb']:,.0f} / {new['memory_mb']:.1f} "
-            f"| {old['full_gc_ms']:.1f} / {new['full_gc_ms']:.1f} | {old['full_gc_ms'] / new['full_gc_ms']:.0f}x |"
+        rows.append(
+            [
+                f"{row['hours']:g} h",
+                f"{old['events_per_agent']:,.0f}",
+                pair(old["read_fold_us"], new["read_fold_us"]),
+                f"{old['read_fold_us'] / new['read_fold_us']:.0f}x",
+                pair(old["memory_mb"], new["memory_mb"]),
+                pair(old["full_gc_ms"], new["full_gc_ms"]),
+                f"{old['full_gc_ms'] / new['full_gc_ms']:.0f}x",
+            ]
         )
-    lines += [
-        "",
-        "The router's agent feed: one agent's view after days of work, folded keeping the read model's "
-        f"{state_view.DAYS_KEPT} days against today and yesterday (best of 5 rounds of 400 events); the bytes are "
-        "what each agent adds to every feed checkpoint, one document under MongoDB's 16 MB:",
-        "",
-        "| days worked | fold per event, 92 days / 2 (us) | ratio | checkpoint per agent, 92 days / 2 (bytes) "
-        "| agents under 16 MB, 92 days / 2 |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
+    intro = (
+        f"{figures['agents']} agents, {figures['rate']:g} interactions/s, the newest {figures['keep_events']} events "
+        "kept per agent: the old read over everything cached against the new one over the newest events:"
+    )
+    header = ["uptime", "events per agent", "read + fold per change, old / new (us)", "ratio"]
+    return table(intro, [*header, "cache memory, old / new (MB)", "full gc pause, old / new (ms)", "ratio"], rows)
+
+
+def feed_section(figures: dict[str, Any]) -> list[str]:
+    rows = []
     for row in figures["feed"]:
         whole, short = row["read_model_days"], row["feed_days"]
-        lines.append(
-            f"| {row['days']} | {whole['fold_us']:.1f} / {short['fold_us']:.1f} "
-            f"| {whole['fold_us'] / short['fold_us']:.1f}x "
-            f"| {whole['checkpoint_bytes']:,} / {short['checkpoint_bytes']:,} "
-            f"| {16e6 / whole['checkpoint_bytes']:,.0f} / {16e6 / short['checkpoint_bytes']:,.0f} |"
+        rows.append(
+            [
+                str(row["days"]),
+                pair(whole["fold_us"], short["fold_us"]),
+                f"{whole['fold_us'] / short['fold_us']:.1f}x",
+                pair(whole["checkpoint_bytes"], short["checkpoint_bytes"], 0),
+                pair(16e6 / whole["checkpoint_bytes"], 16e6 / short["checkpoint_bytes"], 0),
+            ]
         )
-    lines += [
-        "",
-        f"An agent's first read after a restart, on FerretDB: the whole history against the latest snapshot "
-        f"(one every {figures['snapshot_every']} events) and the events after it (best of 3):",
-        "",
-        "| events in the agent's history | after the snapshot | whole history (s) | from the snapshot (s) | ratio |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+    intro = (
+        "The router's agent feed: one agent's view after days of work, folded keeping the read model's "
+        f"{state_view.DAYS_KEPT} days against today and yesterday (best of 5 rounds of 400 events); the bytes are "
+        "what each agent adds to every feed checkpoint, one document under MongoDB's 16 MB:"
+    )
+    header = ["days worked", "fold per event, 92 days / 2 (us)", "ratio"]
+    return table(intro, [*header, "checkpoint per agent, 92 days / 2 (bytes)", "agents under 16 MB, 92 days / 2"], rows)
+
+
+def restart_section(figures: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            f"{row['events']:,}",
+            str(row["after_snapshot"]),
+            f"{row['whole_history_s']:.3f}",
+            f"{row['from_snapshot_s']:.3f}",
+            f"{row['whole_history_s'] / row['from_snapshot_s']:.0f}x",
+        ]
+        for row in figures["restart"]
     ]
-    for row in figures["restart"]:
-        ratio = row["whole_history_s"] / row["from_snapshot_s"]
-        lines.append(
-            f"| {row['events']:,} | {row['after_snapshot']} | {row['whole_history_s']:.3f} "
-            f"| {row['from_snapshot_s']:.3f} | {ratio:.0f}x |"
+    intro = (
+        "An agent's first read after a restart, on FerretDB: the whole history against the latest snapshot "
+        f"(one every {figures['snapshot_every']} events) and the events after it (best of 3):"
+    )
+    header = ["events in the agent's history", "after the snapshot", "whole history (s)", "from the snapshot (s)"]
+    return table(intro, [*header, "ratio"], rows)
+
+
+def read_model_section(figures: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in figures["read_model"]:
+        nested, text = row["nested"], row["text"]
+        rows.append(
+            [
+                str(row["days"]),
+                pair(nested["document_bytes"], text["document_bytes"], 0),
+                pair(nested["update_ms"], text["update_ms"], 2),
+                pair(nested["ferretdb_cpu_ms"], text["ferretdb_cpu_ms"], 2),
+                f"{nested['ferretdb_cpu_ms'] / text['ferretdb_cpu_ms']:.1f}x",
+            ]
         )
-    lines += [
-        "",
+    intro = (
         f"The agents projection's write of {figures['agents']} agents' read models in one bulk command, the views "
         "after days of work, each agent written 20 times: days and shifts as nested documents (until session 8) "
         "against one JSON text each (FerretDB v1 on SQLite reads and rewrites the whole document on every update; "
-        "at 100 interactions/s the projection writes each agent about 4 times a second):",
+        "at 100 interactions/s the projection writes each agent about 4 times a second):"
+    )
+    header = ["days worked", "document, nested / text (bytes)", "per update, nested / text (ms)"]
+    return table(intro, [*header, "FerretDB CPU per update, nested / text (ms)", "ratio"], rows)
+
+
+def report(figures: dict[str, Any]) -> str:
+    lines = [
+        "# What grows with uptime in the agents service and the router's feed, old way against new",
         "",
-        "| days worked | document, nested / text (bytes) | per update, nested / text (ms) "
-        "| FerretDB CPU per update, nested / text (ms) | ratio |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        f"Run {figures['run_at']}, commit {figures['commit']}. "
+        "Command: `PYTHONPATH=.:gen python -m bench.agent_history` (in `make bench`).",
     ]
-    for row in figures["read_model"]:
-        nested, text = row["nested"], row["text"]
-        lines.append(
-            f"| {row['days']} | {nested['document_bytes']:,} / {text['document_bytes']:,} "
-            f"| {nested['update_ms']:.2f} / {text['update_ms']:.2f} "
-            f"| {nested['ferretdb_cpu_ms']:.2f} / {text['ferretdb_cpu_ms']:.2f} "
-            f"| {nested['ferretdb_cpu_ms'] / text['ferretdb_cpu_ms']:.1f}x |"
-        )
+    for section in (memory_section, feed_section, restart_section, read_model_section):
+        lines += section(figures)
     return "\n".join(lines) + "\n"
 
 
