@@ -93,8 +93,8 @@ lint: setup
 # Knobs: BENCH_STEPS, BENCH_STEP_S, BENCH_AGENTS, ... (see bench/routing.py).
 # Then FerretDB as released against our patched build (bench/ferretdb.py), kafka-python against
 # librdkafka (bench/kafka_producers.py), queue figures old against new (bench/queue_stats.py) and the
-# router's start-up from a checkpoint against the whole log (bench/recovery.py), and the agents
-# service's cached histories, everything against the newest events (bench/agent_history.py), side by side.
+# router's start-up from a checkpoint against the whole log (bench/recovery.py), and what grows with
+# uptime, old way against new (bench/agent_history.py), side by side.
 bench: setup
 	$(PY) -m bench.routing
 	$(PY) -m bench.ferretdb

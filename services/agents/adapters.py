@@ -41,7 +41,7 @@ class AgentDocument(me.Document):
     # The per-day counters and the shifts, each as one JSON text: FerretDB v1 on SQLite
     # reads and rewrites the whole document on every update, at a cost that grows with
     # its number of values, and these two grow with every day kept.  After 92 days of
-    # work: 9.6 ms of FerretDB CPU per update as nested documents, 1.3 ms as text
+    # work: 9.0 ms of FerretDB CPU per update as nested documents, 1.2 ms as text
     # (bench/agent_history.py).  Nothing queries inside them; documents written before
     # hold nested documents, read all the same.
     days = me.StringField()
