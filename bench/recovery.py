@@ -110,7 +110,7 @@ def state(router: Router) -> tuple[int, list[tuple[str, int, int, int]]]:
 
 
 def events_in(topic: str) -> int:
-    return int(eventstore._collection(eventstore.EVENTS_COLLECTION).count_documents({"topic": topic}))
+    return int(eventstore.collection(eventstore.EVENTS_COLLECTION).count_documents({"topic": topic}))
 
 
 def timed_recovery(log: Log) -> tuple[float, tuple[int, list[tuple[str, int, int, int]]]]:

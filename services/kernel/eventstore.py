@@ -105,7 +105,8 @@ class StoredEvent(me.Document):
     }
 
 
-def _collection(name: str) -> Collection:
+def collection(name: str) -> Collection:
+    """A collection of the events database (the event store's, snapshots, checkpoints)."""
     return StoredEvent._get_db()[name]  # type: ignore[no-any-return]
 
 
@@ -187,14 +188,14 @@ class EventStore:
     def load_after(self, aggregate_id: str, version: int) -> list[EventEnvelope] | None:
         """The aggregate's events after `version` (a snapshot's, a folded state's); None if
         the store does not hold event `version` (that state is not this aggregate's)."""
-        events = _collection(EVENTS_COLLECTION)
+        events = collection(EVENTS_COLLECTION)
         if version > 0 and events.find_one({"_id": event_key(aggregate_id, version)}, {"_id": 1}) is None:
             return None
         return [envelope for envelope, _ in self._read(aggregate_id, version + 1)]
 
     @staticmethod
     def _read(aggregate_id: str, first: int) -> list[tuple[EventEnvelope, dict[str, str]]]:
-        events = _collection(EVENTS_COLLECTION)
+        events = collection(EVENTS_COLLECTION)
         loaded: list[tuple[EventEnvelope, dict[str, str]]] = []
         fields = {"envelope": 1, "trace_headers": 1}
         while doc := events.find_one({"_id": event_key(aggregate_id, first + len(loaded))}, fields):
@@ -455,7 +456,7 @@ class EventStore:
         whose key is taken (all of them: len(docs)).  Any other failure leaves the outcome
         unknown (_Unknown), except finding no server: then nothing was sent."""
         try:
-            _collection(EVENTS_COLLECTION).insert_many(docs, ordered=True)
+            collection(EVENTS_COLLECTION).insert_many(docs, ordered=True)
         except ServerSelectionTimeoutError:
             raise  # fail the batch at once: waiting out the outage to settle it is not needed
         except BulkWriteError as exc:
@@ -474,7 +475,7 @@ class EventStore:
         if not docs:
             return set()
         try:
-            _collection(EVENTS_COLLECTION).insert_many(docs, ordered=False)
+            collection(EVENTS_COLLECTION).insert_many(docs, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(error.get("code") != _DUPLICATE_KEY for error in errors):
@@ -498,7 +499,7 @@ class EventStore:
     @staticmethod
     def _missing(docs: list[dict[str, Any]]) -> set[int]:
         """Identities of the documents whose key is free or holds another event."""
-        events = _collection(EVENTS_COLLECTION)
+        events = collection(EVENTS_COLLECTION)
         missing = set()
         for doc in docs:
             found = events.find_one({"_id": doc["_id"]}, {"event_id": 1})
@@ -510,19 +511,19 @@ class EventStore:
     def _take_back(docs: list[dict[str, Any]]) -> None:
         # Our events after the point where another writer won: they must not stay.
         for doc in docs:
-            _collection(EVENTS_COLLECTION).delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
+            collection(EVENTS_COLLECTION).delete_one({"_id": doc["_id"], "event_id": doc["event_id"]})
 
     # ---- the relay's side ----
 
     def _intent(self, number: int, projection: dict[str, int] | None = None) -> dict[str, Any] | None:
-        found = _collection(EVENTS_COLLECTION).find_one({"_id": commit_key(self.log_name, number)}, projection)
+        found = collection(EVENTS_COLLECTION).find_one({"_id": commit_key(self.log_name, number)}, projection)
         if found is None:  # written before intents joined the events
             key = legacy_commit_key(self.log_name, number)
-            found = _collection(LEGACY_COMMITS_COLLECTION).find_one({"_id": key}, projection)
+            found = collection(LEGACY_COMMITS_COLLECTION).find_one({"_id": key}, projection)
         return found  # type: ignore[no-any-return]
 
     def _position(self) -> int:
-        doc = _collection("event_relay").find_one({"_id": self.log_name})
+        doc = collection("event_relay").find_one({"_id": self.log_name})
         return int(doc["position"]) if doc else 0
 
     def unpublished(self, limit: int) -> tuple[list[Unpublished], int]:
@@ -572,7 +573,7 @@ class EventStore:
                 self._committed.pop(number, None)
         self._published = position
         if force or time.monotonic() - self._position_saved_at >= POSITION_EVERY_S:
-            _collection("event_relay").update_one({"_id": self.log_name}, {"$set": {"position": position}}, upsert=True)
+            collection("event_relay").update_one({"_id": self.log_name}, {"$set": {"position": position}}, upsert=True)
             self._position_saved_at = time.monotonic()
 
 

@@ -22,10 +22,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from pymongo.collection import Collection
 from pymongo.errors import DuplicateKeyError
 
-from services.kernel.eventstore import StoredEvent
+from services.kernel.eventstore import collection
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +35,6 @@ SNAPSHOTS_COLLECTION = "snapshots"
 class Snapshot:
     version: int  # the sequence of the last event folded in
     state: dict[str, Any]
-
-
-def _collection() -> Collection:
-    return StoredEvent._get_db()[SNAPSHOTS_COLLECTION]  # type: ignore[no-any-return]
 
 
 class SnapshotStore:
@@ -57,7 +52,7 @@ class SnapshotStore:
         return f"{self.kind}:{aggregate_id}"
 
     def load(self, aggregate_id: str) -> Snapshot | None:
-        doc = _collection().find_one({"_id": self._key(aggregate_id)})
+        doc = collection(SNAPSHOTS_COLLECTION).find_one({"_id": self._key(aggregate_id)})
         if doc is None or doc.get("format") != self.format:
             return None
         return Snapshot(int(doc["version"]), dict(doc["state"]))
@@ -69,7 +64,7 @@ class SnapshotStore:
         stored_older = {"$or": [{"version": {"$lt": snapshot.version}}, {"format": {"$ne": self.format}}]}
         # A duplicate key: one as new or newer is stored, so the filter matched nothing.
         with contextlib.suppress(DuplicateKeyError):
-            _collection().update_one({"_id": key, **stored_older}, {"$set": document}, upsert=True)
+            collection(SNAPSHOTS_COLLECTION).update_one({"_id": key, **stored_older}, {"$set": document}, upsert=True)
 
     def save_later(self, aggregate_id: str, snapshot: Snapshot) -> None:
         """Queue for the writer thread; only the newest queued per aggregate is written."""

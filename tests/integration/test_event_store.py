@@ -178,7 +178,7 @@ def test_a_commit_a_crash_left_unmarked_is_settled_from_the_store(
     ghost = EventEnvelope(event_id="ghost", aggregate_id="a9", sequence=1, event_type="agents.AgentRegistered")
     # A crash after an intent and one of its two events: a1's second event is in the store, a9's is not.
     [second] = repository.save("a1", 1, [registered("a1", "again")], META)
-    commits = eventstore._collection(collection)
+    commits = eventstore.collection(collection)
     number = position + 2  # the save above took position + 1; this intent is the one a crash left
     batch = CommitBatch(
         events=[
@@ -201,7 +201,7 @@ def test_concurrent_writes_share_commits_and_reach_the_relay_in_memory(mongo: Se
     with ThreadPoolExecutor(max_workers=32) as pool:
         list(pool.map(lambda n: repository.save(f"agent-{n}", 0, [registered(f"agent-{n}")], META), range(200)))
     # The relay does not read its own commits back.
-    eventstore._collection(eventstore.EVENTS_COLLECTION).delete_many({"batch": {"$exists": True}})
+    eventstore.collection(eventstore.EVENTS_COLLECTION).delete_many({"batch": {"$exists": True}})
     events, after = store.unpublished(10_000)
     assert len(events) == 200
     assert after - before < 200  # fewer commits than writes: they were grouped
@@ -256,7 +256,7 @@ def test_a_commit_goes_on_past_a_race_it_lost(repository: Repository, mongo: Set
         ("fresh-1", 3),
     ]
     assert len(published) == 4 + fillers
-    intents = eventstore._collection(eventstore.EVENTS_COLLECTION)
+    intents = eventstore.collection(eventstore.EVENTS_COLLECTION)
     assert intents.find_one({"_id": eventstore.commit_key("events", after)}) is not None
 
 
@@ -319,7 +319,7 @@ def test_chained_writes_across_many_commits_never_leave_a_gap(repository: Reposi
             except ConcurrencyConflict:
                 pass
         stored = [event.name for event in eventstore_names(aggregate)]
-        assert eventstore._collection("event_store").count_documents({"aggregate_id": aggregate}) == len(stored)
+        assert eventstore.collection("event_store").count_documents({"aggregate_id": aggregate}) == len(stored)
         assert set(stored) - {"winner"} == accepted, (aggregate, stored, accepted)
         if aggregate in taken:
             assert stored[0] == "winner" and "link 0" not in accepted
