@@ -86,6 +86,7 @@ DEFAULT_ZIPKIN_PORT = 9411
 
 READY_TIMEOUT = 60.0  # seconds until a started service must answer
 STOP_TIMEOUT = 20.0  # seconds between SIGTERM and SIGKILL
+KAFKA_JVM_DEFAULTS = ("-XX:TieredStopAtLevel=1",)
 FORMAT_TIMEOUT = 60.0  # Kafka storage format (one JVM start)
 MAVEN_TIMEOUT = 20 * 60.0
 GO_TIMEOUT = 30 * 60.0
@@ -845,6 +846,7 @@ class KafkaNode(_Node):
             self._java,
             f"-Xmx{self.heap}",
             "-Djava.awt.headless=true",
+            *kafka_jvm_options(),
             "-cp",
             f"{self._libs}/*",
             "kafka.Kafka",
@@ -853,6 +855,16 @@ class KafkaNode(_Node):
 
     def _probe(self, address: str, timeout: float) -> None:
         probe_kafka(address, timeout)
+
+
+def kafka_jvm_options() -> list[str]:
+    """The broker's JIT and GC options: `KAFKA_JVM_PERFORMANCE_OPTS` (as Kafka's own start
+    scripts name them) or ours.  Ours keep the JIT to its first tier (C1): on a 2-core box
+    shared with the services, C2 spends about a quarter of a core for minutes after every
+    start compiling the broker, more than the broker's own work at 50 interactions/s
+    (`make bench`), for code only somewhat faster than C1's."""
+    raw = os.environ.get("KAFKA_JVM_PERFORMANCE_OPTS")
+    return raw.split() if raw is not None else list(KAFKA_JVM_DEFAULTS)
 
 
 class FerretNode(_Node):

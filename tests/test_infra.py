@@ -128,3 +128,18 @@ def test_ferretdb_build_names_its_patches(tmp_path: Path) -> None:
 
     assert stack.ferretdb_build(()) == stack.FERRETDB_VERSION
     assert first.startswith(stack.FERRETDB_VERSION + "-") and stack.ferretdb_build([patch]) != first
+
+
+def test_kafka_jit_options_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = stack.KafkaNode(tmp_path / "kafka", 1, 2)
+    node._java, node._libs = "java", tmp_path  # what install() would find
+    monkeypatch.delenv("KAFKA_JVM_PERFORMANCE_OPTS", raising=False)
+    command = node._command()
+    assert "-XX:TieredStopAtLevel=1" in command
+    assert command.index("-XX:TieredStopAtLevel=1") < command.index("kafka.Kafka")
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseG1GC  -XX:MaxGCPauseMillis=20")
+    command = node._command()
+    assert "-XX:TieredStopAtLevel=1" not in command
+    assert command[command.index("-XX:+UseG1GC") + 1] == "-XX:MaxGCPauseMillis=20"
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "")  # empty: the JVM's own defaults (C2 on)
+    assert not any(arg.startswith("-XX:") for arg in node._command())
