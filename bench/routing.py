@@ -1079,7 +1079,8 @@ class Platform:
                 fake.wait_healthy(self.routing_target)
                 yield self
             return
-        with ephemeral_stack(self.tmp / "stack") as endpoints:
+        # A deployment's broker, JIT included: the warm-up covers its compiling.
+        with ephemeral_stack(self.tmp / "stack", short_lived=False) as endpoints:
             state = self.tmp / "state"
             state.mkdir()
             agents_port, routing_port, sink_port = free_port(), free_port(), free_port()

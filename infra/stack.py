@@ -86,7 +86,8 @@ DEFAULT_ZIPKIN_PORT = 9411
 
 READY_TIMEOUT = 60.0  # seconds until a started service must answer
 STOP_TIMEOUT = 20.0  # seconds between SIGTERM and SIGKILL
-KAFKA_JVM_DEFAULTS = ("-XX:TieredStopAtLevel=1",)
+# JIT options for a broker that lives minutes (a test session): see kafka_jvm_options.
+KAFKA_SHORT_LIVED_JVM = ("-XX:TieredStopAtLevel=1",)
 FORMAT_TIMEOUT = 60.0  # Kafka storage format (one JVM start)
 MAVEN_TIMEOUT = 20 * 60.0
 GO_TIMEOUT = 30 * 60.0
@@ -750,11 +751,13 @@ class KafkaNode(_Node):
         controller_port: int = DEFAULT_CONTROLLER_PORT,
         *,
         heap: str = "512m",
+        short_lived: bool = False,
     ) -> None:
         super().__init__(data_dir)
         self.port = int(port)
         self.controller_port = int(controller_port)
         self.heap = heap
+        self.short_lived = short_lived  # JIT options: see kafka_jvm_options
         self._libs: Path | None = None
         self._java: str | None = None
 
@@ -846,7 +849,7 @@ class KafkaNode(_Node):
             self._java,
             f"-Xmx{self.heap}",
             "-Djava.awt.headless=true",
-            *kafka_jvm_options(),
+            *kafka_jvm_options(self.short_lived),
             "-cp",
             f"{self._libs}/*",
             "kafka.Kafka",
@@ -857,14 +860,18 @@ class KafkaNode(_Node):
         probe_kafka(address, timeout)
 
 
-def kafka_jvm_options() -> list[str]:
+def kafka_jvm_options(short_lived: bool) -> list[str]:
     """The broker's JIT and GC options: `KAFKA_JVM_PERFORMANCE_OPTS` (as Kafka's own start
-    scripts name them) or ours.  Ours keep the JIT to its first tier (C1): on a 2-core box
-    shared with the services, C2 spends about a quarter of a core for minutes after every
-    start compiling the broker, more than the broker's own work at 50 interactions/s
-    (`make bench`), for code only somewhat faster than C1's."""
+    scripts name it) if set, else the JVM's defaults, or for a broker that lives minutes
+    (a test session's) the JIT's first tier only (C1).  On 2 cores shared with the
+    services, C2 compiles the broker for minutes after each start at about a quarter of a
+    core, and pays that back only later: after 4 minutes of warm-up the broker took 16% of
+    a core at 25-40 interactions/s with C2 against 25-27% with C1, while a 3-minute test
+    session runs 8% faster with C1 (`make bench`, `make test`, side by side)."""
     raw = os.environ.get("KAFKA_JVM_PERFORMANCE_OPTS")
-    return raw.split() if raw is not None else list(KAFKA_JVM_DEFAULTS)
+    if raw is not None:
+        return raw.split()
+    return list(KAFKA_SHORT_LIVED_JVM) if short_lived else []
 
 
 class FerretNode(_Node):
@@ -1240,7 +1247,7 @@ def _docker_stack() -> Iterator[dict[str, str]]:
 
 @contextmanager
 def ephemeral_stack(
-    root: Path, *, timeout: float = READY_TIMEOUT, use_docker: bool | None = None
+    root: Path, *, timeout: float = READY_TIMEOUT, use_docker: bool | None = None, short_lived: bool = True
 ) -> Iterator[dict[str, str]]:
     """A throw-away Kafka + MongoDB-compatible store for a test session.
 
@@ -1248,6 +1255,8 @@ def ephemeral_stack(
     a KafkaNode and a FerretNode on free ports with their data in a new directory
     under ``root``.  Both are stopped on exit, also on exceptions.  A stack that
     ``up`` started is never touched.  Yields ``{"kafka_bootstrap", "mongo_url"}``.
+    ``short_lived=False`` gives the broker a long-running one's JIT (a benchmark of
+    the steady state): see kafka_jvm_options.
     """
     if use_docker is None:
         use_docker = docker_available()
@@ -1260,7 +1269,7 @@ def ephemeral_stack(
     root.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="stack-", dir=root))
     kafka_port, controller_port, mongo_port = free_ports(3)
-    kafka = KafkaNode(base / "kafka", kafka_port, controller_port)
+    kafka = KafkaNode(base / "kafka", kafka_port, controller_port, short_lived=short_lived)
     ferret = FerretNode(base / "ferretdb", mongo_port)
     nodes: tuple[_Node, ...] = (kafka, ferret)
     started: list[_Node] = []

@@ -99,13 +99,29 @@ def test_cache_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert stack.cache_dir() == Path.home() / ".cache" / "centralino"
 
 
+def _java_commands_under(root: Path) -> list[list[bytes]]:
+    """The command lines of the running JVMs whose arguments name a path under `root`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"java") and any(str(root).encode() in arg for arg in argv):
+            found.append(argv)
+    return found
+
+
 @needs_java
-def test_ephemeral_stack_without_docker(tmp_path: Path) -> None:
+def test_ephemeral_stack_without_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAFKA_JVM_PERFORMANCE_OPTS", raising=False)
     with stack.ephemeral_stack(tmp_path, use_docker=False) as info:
         stack.probe_kafka(info["kafka_bootstrap"])
         stack.probe_mongo(info["mongo_url"])
         host, port = info["kafka_bootstrap"].rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) not in (9092, 9093)
+        brokers = [argv for argv in _java_commands_under(tmp_path) if b"kafka.Kafka" in argv]
+        assert len(brokers) == 1 and b"-XX:TieredStopAtLevel=1" in brokers[0]  # a test session's: C1 only
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", int(port)), timeout=1).close()
 
@@ -130,16 +146,20 @@ def test_ferretdb_build_names_its_patches(tmp_path: Path) -> None:
     assert first.startswith(stack.FERRETDB_VERSION + "-") and stack.ferretdb_build([patch]) != first
 
 
-def test_kafka_jit_options_default_and_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    node = stack.KafkaNode(tmp_path / "kafka", 1, 2)
-    node._java, node._libs = "java", tmp_path  # what install() would find
+def test_kafka_jit_follows_how_long_the_broker_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def command(short_lived: bool) -> list[str]:
+        node = stack.KafkaNode(tmp_path / "kafka", 1, 2, short_lived=short_lived)
+        node._java, node._libs = "java", tmp_path  # what install() would find
+        return node._command()
+
     monkeypatch.delenv("KAFKA_JVM_PERFORMANCE_OPTS", raising=False)
-    command = node._command()
-    assert "-XX:TieredStopAtLevel=1" in command
-    assert command.index("-XX:TieredStopAtLevel=1") < command.index("kafka.Kafka")
+    short = command(short_lived=True)  # a test session's: C1 only
+    assert short.index("-XX:TieredStopAtLevel=1") < short.index("kafka.Kafka")
+    assert not any(arg.startswith("-XX:") for arg in command(short_lived=False))  # the JVM's defaults
     monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "-XX:+UseG1GC  -XX:MaxGCPauseMillis=20")
-    command = node._command()
-    assert "-XX:TieredStopAtLevel=1" not in command
-    assert command[command.index("-XX:+UseG1GC") + 1] == "-XX:MaxGCPauseMillis=20"
-    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "")  # empty: the JVM's own defaults (C2 on)
-    assert not any(arg.startswith("-XX:") for arg in node._command())
+    for short_lived in (True, False):
+        chosen = command(short_lived)
+        assert "-XX:TieredStopAtLevel=1" not in chosen
+        assert chosen[chosen.index("-XX:+UseG1GC") + 1] == "-XX:MaxGCPauseMillis=20"
+    monkeypatch.setenv("KAFKA_JVM_PERFORMANCE_OPTS", "")  # set and empty: the JVM's defaults
+    assert not any(arg.startswith("-XX:") for arg in command(short_lived=True))
