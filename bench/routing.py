@@ -49,9 +49,12 @@ Knobs (environment):
   BENCH_CHAT_CAPACITY     chats per agent (8, the most the agents service allows)
   BENCH_SLOT_S            seconds of handling the slots cover at each rate (4)
   BENCH_DRAIN_S           how long a step may take to drain (20)
-  BENCH_WARMUP_S          warm-up load before the first step (30 s at up to 20/s): the
-                          fresh Kafka broker spends its first minute JIT-compiling, about
-                          a quarter of a core that a running deployment does not pay
+  BENCH_WARMUP_S          warm-up load before the first step (at least 30 s at up to 20/s,
+                          in rounds of 10 s): the fresh Kafka broker spends its first
+                          minutes JIT-compiling (C2), about a quarter of a core that a
+                          running deployment does not pay, so the warm-up goes on until
+                          the broker's compiler threads used under BENCH_JIT_SETTLED_PCT
+                          (5) % of a core over a round, or BENCH_WARMUP_MAX_S (300) passed
   BENCH_BUDGET_S          time budget of the load phase (150)
   BENCH_CLIENT_WORKERS    load generator processes (1: one loop holds 300/s at about a
                           third of a core)
@@ -132,6 +135,8 @@ class Config:
     slot_s: float = 4.0
     drain_s: float = 20.0
     warmup_s: float = 30.0
+    warmup_max_s: float = 300.0
+    jit_settled_pct: float = 5.0
     budget_s: float = 150.0
     workers: int = 1
     client_grpc_experiments: str = "-event_engine_client"
@@ -161,6 +166,8 @@ class Config:
             slot_s=float(env.get("BENCH_SLOT_S", default.slot_s)),
             drain_s=float(env.get("BENCH_DRAIN_S", default.drain_s)),
             warmup_s=float(env.get("BENCH_WARMUP_S", default.warmup_s)),
+            warmup_max_s=float(env.get("BENCH_WARMUP_MAX_S", default.warmup_max_s)),
+            jit_settled_pct=float(env.get("BENCH_JIT_SETTLED_PCT", default.jit_settled_pct)),
             budget_s=float(env.get("BENCH_BUDGET_S", default.budget_s)),
             workers=max(int(env.get("BENCH_CLIENT_WORKERS", default.workers)), 1),
             client_grpc_experiments=env.get("BENCH_CLIENT_GRPC_EXPERIMENTS", default.client_grpc_experiments),
@@ -279,6 +286,11 @@ class CpuMeter:
                     grew = True
         self._tree = {pid: self._label(pid) for pid in ours}
 
+    def pids_of(self, label: str) -> list[int]:
+        if not self._tree:
+            self.refresh()
+        return [pid for pid, named in self._tree.items() if named == label]
+
     def snapshot(self, refresh: bool = False) -> dict[str, float]:
         if refresh or not self._tree:
             self.refresh()
@@ -287,6 +299,22 @@ class CpuMeter:
             if (stat := _proc_stat(pid)) is not None:
                 totals[label] = totals.get(label, 0.0) + stat[1]
         return totals
+
+
+JIT_THREADS = ("C1 CompilerThre", "C2 CompilerThre")  # HotSpot's compiler threads, as the kernel names them
+
+
+def jit_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU seconds the JIT compiler threads of these JVMs have used."""
+    total = 0.0
+    for pid in pids:
+        with suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with suppress(OSError):
+                    if (task / "comm").read_text().startswith(JIT_THREADS):
+                        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
 
 
 def cpu_percent(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
@@ -501,9 +529,10 @@ class Client:
 
     # ---- customers ----
 
-    def send_step(self, index: int, rate: float, duration_s: float, start: float) -> None:
-        """Schedule a step's interactions (i due at start + i/rate) across the workers."""
-        label = _label(index)
+    def send_step(self, index: int, rate: float, duration_s: float, start: float, label: str = "") -> None:
+        """Schedule a step's interactions (i due at start + i/rate) across the workers;
+        `label` tells apart the ids of several rounds of one step (the warm-up's)."""
+        label = label or _label(index)
         with self.lock:
             for i in range(round(rate * duration_s)):
                 iid = interaction_id(self.tag, label, i)
@@ -840,6 +869,19 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _warmup_sentence(warmup: dict[str, Any] | None, cfg: dict[str, Any]) -> str:
+    if not warmup:
+        return ""
+    if warmup["jit_pct_last_round"] is None:
+        return f"  Warm-up: {warmup['seconds']:g} s."
+    verdict = "settled" if warmup["settled"] else f"not settled within BENCH_WARMUP_MAX_S ({cfg['warmup_max_s']:g} s)"
+    return (
+        f"  Warm-up: {warmup['seconds']:g} s, until the broker's JIT compiler threads used "
+        f"{warmup['jit_pct_last_round']:g}% of a core over {WARMUP_ROUND_S:g} s ({verdict}; "
+        f"limit {cfg['jit_settled_pct']:g}%)."
+    )
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     fake = cfg["platform"] == "fake"
@@ -860,7 +902,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         + ")"
         + (", services instrumented (bench.instrument)" if cfg["instrument"] and not fake else "")
         + ("; the routing server is `bench.fake_routing`, which does no work" if fake else "")
-        + ".  Latency = CreateInteraction sent -> offer on the agent's stream (ms).",
+        + ".  Latency = CreateInteraction sent -> offer on the agent's stream (ms)."
+        + _warmup_sentence(result.get("warmup"), cfg),
         "",
         "| target /s | n | sent /s | offers /s | completed /s | achieved / target | p50 | p95 | p99 | max "
         "| p99 / 50 ms | p99 from schedule | backlog at end | drain s | errors + never offered | kept up |",
@@ -1163,15 +1206,45 @@ def _pythonpath() -> str:
     return os.pathsep.join([str(ROOT), str(ROOT / "gen")])
 
 
-def run_steps(cfg: Config, plat: Platform, client: Client, meter: CpuMeter) -> list[StepWindow]:
+WARMUP_ROUND_S = 10.0
+
+
+@dataclass
+class Warmup:
+    seconds: float = 0.0
+    jit_pct_last_round: float | None = None  # the broker's compiler threads, % of one core
+    settled: bool = False
+
+
+def warm_up(cfg: Config, client: Client, meter: CpuMeter) -> Warmup:
+    """Warm-up load in rounds until at least `warmup_s` passed and the broker's JIT has
+    settled (its compiler threads under `jit_settled_pct` % of a core over the last round),
+    or `warmup_max_s` passed: the steps then measure the steady state a deployment runs in."""
+    brokers = meter.pids_of("kafka")  # none with testcontainers' or an outside broker: time alone
+    rate, began, done = min(20.0, cfg.steps[0]), time.monotonic(), Warmup()
+    for round_no in range(math.ceil(max(cfg.warmup_max_s, cfg.warmup_s) / WARMUP_ROUND_S)):
+        jit_before, start = jit_cpu_seconds(brokers), time.monotonic() + 0.1
+        client.send_step(-1, rate, WARMUP_ROUND_S, start, label=f"w{round_no}")
+        time.sleep(max(start + WARMUP_ROUND_S - time.monotonic(), 0.0))
+        done.jit_pct_last_round = round(100.0 * (jit_cpu_seconds(brokers) - jit_before) / WARMUP_ROUND_S, 1)
+        done.seconds = round(time.monotonic() - began, 1)
+        done.settled = not brokers or done.jit_pct_last_round < cfg.jit_settled_pct
+        if done.seconds >= cfg.warmup_s and done.settled:
+            break
+    client.drain(-1, cfg.drain_s)
+    print(
+        f"bench: warmed up for {done.seconds:g} s; the broker's JIT used "
+        f"{done.jit_pct_last_round}% of a core in the last round",
+        flush=True,
+    )
+    return done
+
+
+def run_steps(cfg: Config, plat: Platform, client: Client, meter: CpuMeter) -> tuple[list[StepWindow], Warmup | None]:
     windows: list[StepWindow] = []
     client.add_agents(plat.ensure_agents(cfg.agents_for(cfg.steps[0])))
     print(f"bench: {len(client.agents)} agents ready; load steps {[f'{r:g}' for r in cfg.steps]}/s", flush=True)
-    if cfg.warmup_s > 0:
-        start = time.monotonic() + 0.1
-        client.send_step(-1, min(20.0, cfg.steps[0]), cfg.warmup_s, start)
-        time.sleep(max(start + cfg.warmup_s - time.monotonic(), 0.0))
-        client.drain(-1, cfg.drain_s)
+    warmup = warm_up(cfg, client, meter) if cfg.warmup_s > 0 else None
     began = time.monotonic()
     for index, rate in enumerate(cfg.steps):
         if windows and time.monotonic() - began + cfg.step_s + cfg.drain_s > cfg.budget_s:
@@ -1213,7 +1286,7 @@ def run_steps(cfg: Config, plat: Platform, client: Client, meter: CpuMeter) -> l
             if rest:
                 print(f"  saturated at {rate:g}/s; not running {', '.join(rest)}/s", flush=True)
             break
-    return windows
+    return windows, warmup
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -1235,7 +1308,7 @@ def run(cfg: Config) -> dict[str, Any]:
             client.start()
             try:
                 meter = CpuMeter({**plat.named, **{pid: CLIENT for pid in client.pids}})
-                windows = run_steps(cfg, plat, client, meter)
+                windows, warmup = run_steps(cfg, plat, client, meter)
             finally:
                 client.stop()
             plat.check_alive()
@@ -1270,6 +1343,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "git": git_info(),
             "config": asdict(cfg),
             "goals": goals(steps),
+            "warmup": asdict(warmup) if warmup is not None else None,
             "steps": steps,
             "client": {
                 "workers": cfg.workers,
