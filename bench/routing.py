@@ -69,6 +69,10 @@ Knobs (environment):
   BENCH_SAMPLE_HZ         0: off; e.g. 100 samples every thread's stack in the services
   BENCH_SERVICE_ENV       extra K=V,K=V for the services; MONGO_URL=mongodb://... points
                           them at a real MongoDB instead of the stack's FerretDB
+  BENCH_YARDSTICK         1: after the steps, the gRPC exchange alone (this client against
+                          `bench.fake_routing`) at 100/s for 15 s, in the same run: the
+                          platform's CPU per interaction is reported as a ratio to it, a
+                          figure that does not move with the machine's speed; 0: skip it
   BENCH_KEEP              1: keep the temp dir with the service logs
   BENCH_OUT               results directory (bench/results)
 """
@@ -91,7 +95,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -145,6 +149,7 @@ class Config:
     instrument: bool = True
     sample_hz: float = 0.0
     service_env: tuple[tuple[str, str], ...] = ()
+    yardstick: bool = True
     keep: bool = False
     out: str = str(ROOT / "bench" / "results")
 
@@ -176,6 +181,7 @@ class Config:
             instrument=_flag(env.get("BENCH_INSTRUMENT", "1")),
             sample_hz=float(env.get("BENCH_SAMPLE_HZ", "0") or 0),
             service_env=extra,
+            yardstick=_flag(env.get("BENCH_YARDSTICK", "1")),
             keep=_flag(env.get("BENCH_KEEP", "0")),
             out=env.get("BENCH_OUT", default.out),
         )
@@ -882,6 +888,30 @@ def _warmup_sentence(warmup: dict[str, Any] | None, cfg: dict[str, Any]) -> str:
     )
 
 
+def _yardstick_lines(stick: dict[str, Any] | None, steps: list[dict[str, Any]]) -> list[str]:
+    if not stick:
+        return []
+    cpu = stick["cpu_percent_of_one_core"]
+    lines = [
+        "",
+        f"Yardstick, measured in this run: the gRPC exchange alone (this client against `bench.fake_routing`, "
+        f"which does no work) at {stick['rate']:g}/s took {_fmt(stick['cpu_ms_per_interaction'])} ms of CPU per "
+        f"interaction ({CLIENT} {_fmt(cpu.get(CLIENT))}%, server {_fmt(cpu.get('fake routing server'))}% of a core"
+        + ("" if stick["kept_up"] else "; it did not keep up")
+        + ").  The platform's CPU per interaction (every process above, per interaction offered) as a multiple "
+        "of it does not move with the machine's speed, as the figures above do:",
+        "",
+        "| target /s | CPU ms / interaction | x yardstick |",
+        "| ---: | ---: | ---: |",
+    ]
+    for step in steps:
+        ms = cpu_ms_per_interaction(step["cpu_percent_of_one_core"], step["offer_rate"])
+        lines.append(
+            f"| {step['target_rate']:g} | {_fmt(ms)} | {_fmt(ratio(ms, stick['cpu_ms_per_interaction']), 2)} |"
+        )
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     fake = cfg["platform"] == "fake"
@@ -952,6 +982,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     for step in steps:
         cpu = step["cpu_percent_of_one_core"]
         lines.append(f"| {step['target_rate']:g} | " + " | ".join(_fmt(cpu.get(label)) for label in labels) + " |")
+    lines += _yardstick_lines(result.get("yardstick"), steps)
     telemetry = result.get("telemetry_received")
     if telemetry:
         spans = ", ".join(f"{service} {count}" for service, count in sorted(telemetry["spans"].items()))
@@ -1289,6 +1320,46 @@ def run_steps(cfg: Config, plat: Platform, client: Client, meter: CpuMeter) -> t
     return windows, warmup
 
 
+YARDSTICK_RATE = 100.0
+YARDSTICK_S = 15.0
+
+
+def yardstick(cfg: Config, tmp: Path) -> dict[str, Any]:
+    """The gRPC exchange alone, measured in this run: this client against a routing server
+    that does no work (`bench.fake_routing`), at YARDSTICK_RATE for YARDSTICK_S.  Its CPU per
+    interaction (client and server) is what the machine charges for the calls themselves."""
+    fake = replace(
+        cfg,
+        platform="fake",
+        steps=(YARDSTICK_RATE,),
+        step_s=YARDSTICK_S,
+        warmup_s=5.0,
+        warmup_max_s=5.0,
+        instrument=False,
+        sample_hz=0.0,
+    )
+    with Platform(fake, tmp).up() as plat:
+        client = Client(fake, plat.routing_target)
+        client.start()
+        try:
+            windows, _ = run_steps(fake, plat, client, CpuMeter({**plat.named, **{p: CLIENT for p in client.pids}}))
+        finally:
+            client.stop()
+        step = step_metrics(client, windows[0])
+    return {
+        "rate": YARDSTICK_RATE,
+        "seconds": YARDSTICK_S,
+        "kept_up": step["kept_up"],
+        "cpu_percent_of_one_core": step["cpu_percent_of_one_core"],
+        "cpu_ms_per_interaction": cpu_ms_per_interaction(step["cpu_percent_of_one_core"], step["offer_rate"]),
+    }
+
+
+def cpu_ms_per_interaction(cpu: dict[str, float], rate: float | None) -> float | None:
+    """CPU milliseconds of every measured process per interaction, from % of one core at `rate`/s."""
+    return round(cpu["total"] * 10.0 / rate, 3) if rate and "total" in cpu else None
+
+
 def run(cfg: Config) -> dict[str, Any]:
     began_wall = time.monotonic()
     started = datetime.now(UTC)
@@ -1313,6 +1384,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 client.stop()
             plat.check_alive()
             stored_events = plat.event_store_size()
+        stick = yardstick(cfg, tmp / "yardstick") if cfg.platform == "real" and cfg.yardstick else None
         telemetry = json.loads(plat.sink_out.read_text()) if plat.sink_out.is_file() else None
         steps = [step_metrics(client, window) for window in windows]
         timings = {name: load_timings(tmp / f"{name}.timings") for name in ("routing", "agents")}
@@ -1344,6 +1416,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "config": asdict(cfg),
             "goals": goals(steps),
             "warmup": asdict(warmup) if warmup is not None else None,
+            "yardstick": stick,
             "steps": steps,
             "client": {
                 "workers": cfg.workers,
