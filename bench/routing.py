@@ -240,8 +240,13 @@ TRACE_SINK = "trace sink (collector)"
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
     """(parent pid, user+system CPU seconds) of a live process."""
+    return _read_stat(Path(f"/proc/{pid}/stat"))
+
+
+def _read_stat(path: Path) -> tuple[int, float] | None:
+    """(parent pid, user+system CPU seconds) from a process's or a thread's stat file."""
     try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
+        raw = path.read_text()
     except OSError:
         return None
     fields = raw[raw.rindex(")") + 2 :].split()
@@ -317,9 +322,8 @@ def jit_cpu_seconds(pids: Iterable[int]) -> float:
         with suppress(OSError):
             for task in Path(f"/proc/{pid}/task").iterdir():
                 with suppress(OSError):
-                    if (task / "comm").read_text().startswith(JIT_THREADS):
-                        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+                    if (task / "comm").read_text().startswith(JIT_THREADS) and (stat := _read_stat(task / "stat")):
+                        total += stat[1]
     return total
 
 
